@@ -1,0 +1,5 @@
+import sys
+
+from florence.cli import main
+
+sys.exit(main())

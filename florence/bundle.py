@@ -1,0 +1,171 @@
+"""Checkpoint bundles: a directory that rebuilds a model without pickle.
+
+Layout written by ``save_pretrained(model, dir)``::
+
+    dir/
+      config.json        {"format": "florence-bundle/1", "architecture": "unicl" | "image_tower", "model": {...}}
+      model.safetensors  the state dict
+      preprocess.json    {"input_size": [3, H, W], "mean": [...], "std": [...], "interpolation": ..., "crop_pct": ...}
+      tokenizer/         transformers tokenizer files (dual encoders with a tokenizer)
+      manifest.json      {"format": ..., "files": {relative path: sha256}}
+
+``from_pretrained(dir)`` verifies every file against the manifest first, refuses a bundle without preprocessing, a
+missing file or a hash mismatch (``BundleError`` naming the file), rebuilds the model from ``config.json`` and loads
+the weights strictly from safetensors. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BUNDLE_FORMAT = "florence-bundle/1"
+REQUIRED_FILES = ("config.json", "model.safetensors", "preprocess.json")
+PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
+
+
+class BundleError(ValueError):
+    """A bundle directory that cannot be trusted or read; the message names the path."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_sha256(directory: str | Path) -> str:
+    """One hash for a whole bundle: the SHA-256 of its manifest (which lists every file's SHA-256)."""
+    return sha256_file(Path(directory) / "manifest.json")
+
+
+def _describe(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(architecture, model config, preprocessing) of a model ``save_pretrained`` can write."""
+    from florence.backbone.unicl import UniCLModel
+
+    if isinstance(model, UniCLModel):
+        return "unicl", model.config, dict(model.preprocess)
+    if hasattr(model, "florence_config"):
+        preprocess = getattr(model, "preprocess", None) or model.default_preprocess
+        return "image_tower", model.florence_config, dict(preprocess)
+    raise TypeError(f"{type(model).__name__} was not built by florence.create_model; cannot describe it in a bundle")
+
+
+def _check_preprocess(preprocess: Any, where: str) -> dict[str, Any]:
+    if not isinstance(preprocess, dict):
+        raise BundleError(f"{where}: preprocessing must be a JSON object")
+    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
+    if missing:
+        raise BundleError(f"{where}: preprocessing lacks {missing}; florence refuses to guess it")
+    return preprocess
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model`` as a bundle into ``directory`` (replaced atomically if it exists). Returns the path."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    architecture, config, preprocess = _describe(model)
+    _check_preprocess(preprocess, str(directory))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / "config.json").write_text(
+            json.dumps({"format": BUNDLE_FORMAT, "architecture": architecture, "model": config}, indent=2)
+        )
+        (tmp / "preprocess.json").write_text(json.dumps(preprocess, indent=2))
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format": BUNDLE_FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """Check the manifest and every hash; return the parsed manifest or raise ``BundleError`` naming the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a bundle directory")
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing; a bundle without a manifest is refused")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BundleError(f"{manifest_path}: unreadable manifest ({e})") from None
+    for required in REQUIRED_FILES:
+        if required not in files:
+            raise BundleError(f"{directory / required}: not listed in the manifest")
+    for rel, digest in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in the manifest but missing")
+        if sha256_file(path) != digest:
+            raise BundleError(f"{path}: SHA-256 mismatch with the manifest (file changed or corrupt)")
+    return manifest
+
+
+def read_bundle_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The verified weights of a bundle (safetensors; no pickle)."""
+    from safetensors.torch import load_file
+
+    verify_bundle(directory)
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model from a verified bundle and load its weights strictly. Returns it in eval mode."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    manifest = verify_bundle(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{directory / 'config.json'}: unknown bundle format {config.get('format')!r}")
+    preprocess = _check_preprocess(json.loads((directory / "preprocess.json").read_text()), str(directory / "preprocess.json"))
+    architecture = config.get("architecture")
+    if architecture == "unicl":
+        from florence.backbone.unicl import build_unicl
+        from florence.tokenizer import load_tokenizer
+
+        has_tokenizer = any(rel.startswith("tokenizer/") for rel in manifest["files"])
+        tokenizer = load_tokenizer(directory / "tokenizer") if has_tokenizer else None
+        model = build_unicl({**config["model"], "preprocess": preprocess}, tokenizer=tokenizer)
+    elif architecture == "image_tower":
+        from florence.factory import create_model
+
+        spec = config["model"]
+        model = create_model(spec["name"], **spec.get("overrides", {}))
+        model.preprocess = preprocess
+    else:
+        raise BundleError(f"{directory / 'config.json'}: unknown architecture {architecture!r}")
+    missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"{directory / 'model.safetensors'}: does not match config.json: missing {sorted(missing)[:10]}, "
+            f"unexpected {sorted(unexpected)[:10]}"
+        )
+    return model.to(map_location).eval()

@@ -1,0 +1,41 @@
+"""``florence`` command line: a thin dispatcher; each sub-command lives with the code it drives.
+
+    florence train CONFIG [key=value ...]          pre-training / continued training (florence.engine.train)
+    florence eval TASK --model DIR --dataset NAME  evaluation protocols (florence.benchmarks.eval_cli)
+    florence report RESULTS...                     our numbers beside the paper's (florence.benchmarks.report)
+    florence demo [--workdir DIR]                  the end-to-end Fashion-MNIST demo (florence.benchmarks.demo)
+    florence models [PATTERN]                      list model names
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+_COMMANDS = {
+    "train": "florence.engine.train",
+    "eval": "florence.benchmarks.eval_cli",
+    "report": "florence.benchmarks.report",
+    "demo": "florence.benchmarks.demo",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "models":
+        from florence.factory import list_models
+
+        print("\n".join(list_models(rest[0] if rest else None)))
+        return 0
+    if command not in _COMMANDS:
+        print(f"florence: unknown command {command!r}\n{__doc__}", file=sys.stderr)
+        return 2
+    result = importlib.import_module(_COMMANDS[command]).main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
