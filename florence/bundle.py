@@ -169,3 +169,10 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
             f"unexpected {sorted(unexpected)[:10]}"
         )
     return model.to(map_location).eval()
+
+
+class BundleMixin:
+    """Gives a model ``save_pretrained(dir)``; ``florence.from_pretrained(dir)`` reads it back."""
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_pretrained(self, directory)

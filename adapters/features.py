@@ -1,0 +1,100 @@
+"""Frozen image features for the evaluation protocols, with an on-disk cache.
+
+``extract`` runs the frozen image tower over a data loader and returns the pooled ``8C`` features before the
+projection (``model.image_encoder.forward_features``; the linear-probe input, SPEC §8.2). ``project`` turns them into
+the L2-normalised joint-space embeddings (``model.encode_image`` = normalise(image_projection(pooled)); zero-shot,
+retrieval), so one pass over the images serves every protocol. ``cached_features`` keeps the arrays in
+``<cache_dir>/pooled-<model hash>-<transform hash>-<split>-<precision>.npz``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+def transform_key(preprocess: dict, extra: str = "") -> str:
+    """A short hash naming the evaluation transform (the preprocessing dict, plus anything else that changes it)."""
+    payload = json.dumps({"preprocess": preprocess, "extra": extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    """``torch.autocast`` for ``precision="bf16"``, a no-op for ``"fp32"``."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+@torch.no_grad()
+def extract(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features of every batch of ``loader`` (batches of ``(images (B,3,H,W), targets)``).
+
+    Returns:
+        ``(features (N, 8C) float32, targets (N,) or (N, C))`` as numpy arrays, in loader order.
+    """
+    model.eval()
+    features, targets = [], []
+    for images, target in loader:
+        images = images.to(device)
+        with autocast_context(device, precision):
+            out = model.image_encoder.forward_features(images)  # B, 8C
+        features.append(out.float().cpu().numpy())
+        targets.append(torch.as_tensor(target).cpu().numpy())
+        if progress is not None:
+            progress(len(images))
+    if not features:
+        raise ValueError("the data loader produced no batches")
+    return np.concatenate(features), np.concatenate(targets)
+
+
+@torch.no_grad()
+def project(model: torch.nn.Module, pooled: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """``(N, 8C)`` pooled features -> ``(N, D)`` unit-norm image embeddings, exactly as ``model.encode_image``."""
+    weight_dtype = model.image_projection.weight.dtype
+    device = model.image_projection.weight.device
+    chunks = []
+    for start in range(0, len(pooled), batch_size):
+        x = torch.from_numpy(pooled[start:start + batch_size]).to(device=device, dtype=weight_dtype)
+        chunks.append(torch.nn.functional.normalize(model.image_projection(x), dim=-1).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+def cache_path(cache_dir: str | Path, model_hash: str, transform: str, split: str, precision: str) -> Path:
+    """Cache file for one (model, transform, split, precision)."""
+    return Path(cache_dir) / f"pooled-{model_hash[:16]}-{transform}-{split}-{precision}.npz"
+
+
+def cached_features(
+    cache_dir: str | Path | None,
+    model_hash: str,
+    transform: str,
+    split: str,
+    precision: str,
+    compute: Callable[[], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``compute()`` once and store it, or read it back. Returns ``(features, targets, from_cache)``."""
+    if cache_dir is None:
+        return (*compute(), False)
+    path = cache_path(cache_dir, model_hash, transform, split, precision)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return data["features"], data["targets"], True
+    features, targets = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, features=features, targets=targets)
+    tmp.replace(path)
+    return features, targets, False

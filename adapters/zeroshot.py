@@ -1,0 +1,171 @@
+"""Zero-shot classification (SPEC §8.1, §9.4): a classifier from class names x prompt templates, and its metrics.
+
+The classifier is the CLIP prompt ensemble: format every template with a class name, encode each prompt, L2-normalise
+each text embedding, average per class, re-normalise. Logits are ``image_embeds @ classifier.T`` (the scale does not
+change any ranking metric). The metrics are pure functions of scores and labels:
+
+- ``classification_metrics``: top-1, top-5 and mean-per-class accuracy, as fractions in [0, 1];
+- ``voc11_map``: the VOC2007 11-point interpolated mean average precision for multi-label targets.
+
+``template_hash`` (SHA-256 of the template strings and class names) goes into every result, and
+``cached_class_embeddings`` keeps classifiers on disk keyed by (model hash, template/class hash).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TextEncoder = Callable[[list[str]], torch.Tensor]  # prompts -> (N, D) text embeddings
+
+
+def format_prompt(template: str, classname: str) -> str:
+    """``template`` with its ``{}`` (or ``{c}``) placeholder replaced by ``classname``."""
+    return template.replace("{c}", "{}").replace("{}", classname)
+
+
+def template_hash(templates: Sequence[str], classnames: Sequence[str]) -> str:
+    """SHA-256 of the template set and the class names (order matters: it fixes the label order)."""
+    payload = json.dumps({"templates": list(templates), "classnames": list(classnames)}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@torch.no_grad()
+def build_zeroshot_classifier(
+    encode_text: TextEncoder,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Class embeddings from prompt ensembles.
+
+    Args:
+        encode_text: maps a list of prompts to their ``(N, D)`` embeddings (normalised or not).
+        classnames: ``C`` class names, in label order.
+        templates: ``T`` templates with a ``{}`` placeholder.
+        batch_size: prompts per ``encode_text`` call (prompts of several classes share a batch).
+        progress: optional callback with the number of prompts just encoded.
+
+    Returns:
+        ``(C, D)`` float32 tensor of unit-norm class embeddings.
+    """
+    if not classnames or not templates:
+        raise ValueError("a zero-shot classifier needs at least one class name and one template")
+    prompts = [format_prompt(t, c) for c in classnames for t in templates]  # class-major: C*T prompts
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        chunks.append(F.normalize(encode_text(batch).float(), dim=-1))
+        if progress is not None:
+            progress(len(batch))
+    text = torch.cat(chunks).reshape(len(classnames), len(templates), -1)  # C, T, D
+    return F.normalize(text.mean(dim=1), dim=-1)
+
+
+def model_text_encoder(model, device: torch.device | str = "cpu") -> TextEncoder:
+    """A ``TextEncoder`` over a ``UniCLModel`` (``model.tokenize`` then ``model.encode_text``)."""
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tokens = model.tokenize(prompts)
+        return model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device), normalize=True)
+
+    return encode
+
+
+def cached_class_embeddings(
+    cache_dir: str | Path | None,
+    model_hash: str,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    build: Callable[[], torch.Tensor],
+) -> tuple[torch.Tensor, bool]:
+    """Class embeddings from ``cache_dir/zeroshot-<model>-<templates>.pt`` when present, else ``build()`` and store.
+
+    The file holds a plain tensor and is read with ``weights_only=True``. Returns ``(embeddings (C, D), from_cache)``.
+    """
+    if cache_dir is None:
+        return build(), False
+    path = Path(cache_dir) / f"zeroshot-{model_hash[:16]}-{template_hash(templates, classnames)[:16]}.pt"
+    if path.is_file():
+        embeddings = torch.load(path, map_location="cpu", weights_only=True)
+        if embeddings.shape[0] == len(classnames):
+            return embeddings, True
+    embeddings = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(embeddings.cpu(), tmp)
+    tmp.replace(path)
+    return embeddings, False
+
+
+def classification_metrics(scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Top-1, top-5 and mean-per-class accuracy (fractions in [0, 1]).
+
+    Args:
+        scores: ``(N, C)`` class scores (logits, similarities or probabilities).
+        labels: ``(N,)`` integer labels in ``[0, C)``.
+
+    Mean-per-class accuracy averages the per-class top-1 recall over the classes present in ``labels``. Top-5 is
+    top-min(5, C). Ties are broken towards the lower class index (stable sort).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be (N, C) and labels (N,); got {scores.shape} and {labels.shape}")
+    order = np.argsort(-scores, axis=1, kind="stable")
+    k = min(5, scores.shape[1])
+    hit1 = order[:, 0] == labels
+    hit5 = (order[:, :k] == labels[:, None]).any(axis=1)
+    per_class = [hit1[labels == c].mean() for c in np.unique(labels)]
+    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "mean_per_class": float(np.mean(per_class))}
+
+
+def voc11_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """VOC2007 11-point interpolated AP of one class.
+
+    Args:
+        scores: ``(N,)`` scores.
+        targets: ``(N,)`` with 1 = positive, 0 = negative, -1 = difficult (ignored, as in the VOC devkit).
+
+    AP = mean over recall thresholds t in {0, 0.1, ..., 1} of the maximum precision at recall >= t (0 if none).
+    """
+    keep = targets >= 0
+    scores, targets = scores[keep], targets[keep]
+    if targets.sum() == 0:
+        raise ValueError("a class without positive samples has no average precision")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(targets[order] == 1)
+    precision = tp / np.arange(1, len(tp) + 1)
+    recall = tp / targets.sum()
+    ap = 0.0
+    for t in np.linspace(0.0, 1.0, 11):
+        above = precision[recall >= t]
+        ap += (above.max() if above.size else 0.0) / 11.0
+    return float(ap)
+
+
+def voc11_map(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Mean of the per-class VOC 11-point AP over the classes with a positive sample.
+
+    Args:
+        scores: ``(N, C)`` class scores.
+        targets: ``(N, C)`` multi-label targets (1 positive, 0 negative, -1 difficult), or ``(N,)`` single labels.
+
+    Returns:
+        ``{"map_11point": float}`` (fraction in [0, 1]).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets)
+    if targets.ndim == 1:
+        targets = np.eye(scores.shape[1], dtype=np.int64)[targets]
+    if targets.shape != scores.shape:
+        raise ValueError(f"targets {targets.shape} do not match scores {scores.shape}")
+    present = [c for c in range(scores.shape[1]) if (targets[:, c] == 1).any()]
+    aps = [voc11_average_precision(scores[:, c], targets[:, c]) for c in present]
+    return {"map_11point": float(np.mean(aps))}

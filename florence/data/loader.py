@@ -1,0 +1,210 @@
+"""From a data config to an endless, resumable stream of UniCL batches for one rank.
+
+``build_train_loader(config, preprocess=..., tokenize=..., rank=r, world_size=w, run_dir=...)`` returns a
+:class:`TrainLoader`; iterating it yields ``dict(images (B,3,H,W) float32, input_ids (B,L) int64,
+attention_mask (B,L) int64, labels (B,) int64)`` forever (``B`` = per-rank ``batch_size``). See
+``florence/data/__init__.py`` for the config keys.
+
+A bad sample under ``on_bad_sample="skip"`` is replaced by the next index of the same source (tried up to
+``max_bad_retries`` times), so every batch keeps its size (the cross-rank gather of the loss needs equal sizes)
+and the replacement is the same in every run; the skip is logged (:mod:`florence.data.bad_samples`).
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSummary
+from florence.data.images import BadSample
+from florence.data.mixing import MixturePlan, MixtureSampler, label_offsets, text_rng
+from florence.data.sources import (
+    CaptionSource,
+    FashionMNISTSource,
+    ImageLabelSource,
+    caption_table,
+    image_folder,
+    label_table,
+)
+from florence.data.transforms import ImageTransform, build_transform, seeded_rngs
+
+Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
+Sample = tuple[torch.Tensor, str, int]
+
+CONFIG_KEYS = {"sources", "batch_size", "num_workers", "seed", "on_bad_sample", "samples_per_epoch",
+               "max_bad_retries", "augment", "run_dir", "pin_memory", "prefetch_factor"}
+AUGMENT_KEYS = {"randaugment", "scale", "ratio", "hflip"}
+SOURCE_KEYS = {"type", "path", "weight", "templates", "class_names", "root", "split", "name"}
+
+
+class TrainDataset(Dataset):
+    """Map-style dataset over several sources, indexed by ``(source id, local index, sample seed)`` keys (from
+    :class:`~florence.data.mixing.MixtureSampler`); returns ``(image (3,H,W), text, global label)``."""
+
+    def __init__(self, sources: Sequence, transform: ImageTransform, bad: BadSampleLog, *, max_bad_retries: int = 16):
+        self.sources = list(sources)
+        self.transform = transform
+        self.bad = bad
+        self.max_bad_retries = int(max_bad_retries)
+        self.offsets = label_offsets([s.kind for s in self.sources],
+                                     [getattr(s, "num_classes", None) for s in self.sources])
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Sample:
+        source_id, index, seed = key
+        source = self.sources[source_id]
+        for attempt in range(self.max_bad_retries + 1):
+            try:
+                return self.load(source_id, (index + attempt) % len(source), seed)
+            except BadSample as err:
+                self.bad.handle(err, source=source.name)
+        raise BadSampleError(f"source {source.name!r}: {self.max_bad_retries + 1} bad samples in a row from index "
+                             f"{index} (see the bad-sample log)")
+
+    def load(self, source_id: int, index: int, seed: int) -> Sample:
+        """One sample; template/synonym choice and the transform's random draws depend only on ``seed``."""
+        raw = self.sources[source_id].get(index, text_rng(seed))
+        with seeded_rngs(seed, numpy=self.transform.pil_only):
+            image = self.transform(raw.image)
+        return image, raw.text, raw.label + self.offsets[source_id]
+
+
+def collate(batch: Sequence[Sample], tokenize: Tokenize) -> dict[str, torch.Tensor]:
+    """``[(image (3,H,W), text, label)] * B`` -> ``dict(images (B,3,H,W), input_ids (B,L), attention_mask (B,L),
+    labels (B,) int64)``; ``tokenize`` maps a list of B texts to ``dict(input_ids, attention_mask)``."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    tokens = tokenize([text for _, text, _ in batch])
+    return {
+        "images": torch.stack([image for image, _, _ in batch]),  # B, 3, H, W
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+        "labels": torch.tensor([label for _, _, label in batch], dtype=torch.int64),  # B
+    }
+
+
+class TrainLoader:
+    """Endless iterable of collated batches for one rank, with the data position as state.
+
+    ``state_dict()`` reflects the batches actually handed to the caller (not the DataLoader's prefetch), so saving
+    it after step k and calling ``load_state_dict`` in a new process continues with batch k + 1 exactly.
+    ``bad_sample_summary()`` counts the skipped samples (all workers and ranks when a run directory is set).
+    """
+
+    def __init__(self, dataset: TrainDataset, sampler: MixtureSampler, *, collate_fn: Callable,
+                 num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.dataset = dataset
+        self.sampler = sampler
+        self.collate_fn = collate_fn
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    def __len__(self) -> int:
+        """Per-rank batches per epoch: the whole global batches in one epoch (at least 1). Iteration itself is
+        endless and runs across epoch boundaries."""
+        return max(1, self.sampler.plan.epoch_length // (self.sampler.batch_size * self.sampler.world_size))
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Global samples per epoch (all ranks together)."""
+        return self.sampler.plan.epoch_length
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self.sampler.epoch_of(self.sampler.batch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        start = self.sampler.batch
+        sampler = MixtureSampler(self.sampler.plan, batch_size=self.sampler.batch_size, rank=self.sampler.rank,
+                                 world_size=self.sampler.world_size, start_batch=start)
+        loader = DataLoader(self.dataset, batch_size=sampler.batch_size, sampler=sampler,
+                            num_workers=self.num_workers, collate_fn=self.collate_fn, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch_factor, drop_last=False,
+                            generator=torch.Generator().manual_seed(self.sampler.plan.seed))  # not the global RNG
+        for batch in loader:
+            self.sampler.batch += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def bad_sample_summary(self) -> BadSampleSummary:
+        return self.dataset.bad.summary()
+
+
+def build_source(spec: dict[str, Any]) -> FashionMNISTSource | ImageLabelSource | CaptionSource:
+    """One map-style source from its config dict (``type``: fashion_mnist | image_folder | label_table |
+    caption_table)."""
+    unknown = set(spec) - SOURCE_KEYS
+    if unknown:
+        raise KeyError(f"unknown key(s) {sorted(unknown)} in data source {spec} (allowed: {sorted(SOURCE_KEYS)})")
+    kind = spec.get("type")
+    path = spec.get("path")
+    if kind != "fashion_mnist" and path is None:
+        raise KeyError(f"data source of type {kind!r} needs a 'path': {spec}")
+    name = spec.get("name")
+    if kind == "fashion_mnist":
+        return FashionMNISTSource(path, split=spec.get("split", "train"), templates=spec.get("templates"),
+                                  name=name or "fashion_mnist")
+    if kind == "image_folder":
+        return image_folder(path, class_names=spec.get("class_names"), templates=spec.get("templates"), name=name)
+    if kind == "label_table":
+        return label_table(path, class_names=spec.get("class_names"), root=spec.get("root"),
+                           templates=spec.get("templates"), name=name)
+    if kind == "caption_table":
+        return caption_table(path, root=spec.get("root"), name=name)
+    raise ValueError(f"unknown data source type {kind!r} (expected fashion_mnist, image_folder, label_table, "
+                     f"caption_table or webdataset)")
+
+
+def build_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], tokenize: Tokenize, rank: int = 0,
+                       world_size: int = 1, run_dir: str | Path | None = None):
+    """The training stream of rank ``rank`` of ``world_size`` (see ``florence/data/__init__.py`` for the keys).
+
+    Returns a :class:`TrainLoader` (map-style sources) or, when the sources are webdataset shards, a
+    :class:`~florence.data.webdataset_source.WebDatasetLoader` with the same interface.
+    """
+    unknown = set(config) - CONFIG_KEYS
+    if unknown:
+        raise KeyError(f"unknown data config key(s) {sorted(unknown)} (allowed: {sorted(CONFIG_KEYS)})")
+    specs = config.get("sources")
+    if not specs:
+        raise KeyError("data config needs a non-empty 'sources' list")
+    if "batch_size" not in config:
+        raise KeyError("data config needs 'batch_size' (per rank)")
+    augment = dict(config.get("augment") or {})
+    if set(augment) - AUGMENT_KEYS:
+        raise KeyError(f"unknown augment key(s) {sorted(set(augment) - AUGMENT_KEYS)} "
+                       f"(allowed: {sorted(AUGMENT_KEYS)})")
+    transform = build_transform(preprocess, train=True, **augment)
+    run_dir = run_dir if run_dir is not None else config.get("run_dir")
+    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
+    tokenize_collate = functools.partial(collate, tokenize=tokenize)
+    common = dict(batch_size=int(config["batch_size"]), rank=rank, world_size=world_size,
+                  seed=int(config.get("seed", 0)), num_workers=int(config.get("num_workers", 0)))
+    if any(s.get("type") == "webdataset" for s in specs):
+        from florence.data.webdataset_source import build_webdataset_loader
+
+        return build_webdataset_loader(specs, transform=transform, bad=bad, collate_fn=tokenize_collate, **common)
+    sources = [build_source(spec) for spec in specs]
+    weights = [float(spec.get("weight", 1.0)) for spec in specs]
+    plan = MixturePlan([len(s) for s in sources], weights, seed=common["seed"],
+                       samples_per_epoch=config.get("samples_per_epoch"))
+    dataset = TrainDataset(sources, transform, bad, max_bad_retries=config.get("max_bad_retries", 16))
+    sampler = MixtureSampler(plan, batch_size=common["batch_size"], rank=rank, world_size=world_size)
+    return TrainLoader(dataset, sampler, collate_fn=tokenize_collate, num_workers=common["num_workers"],
+                       pin_memory=bool(config.get("pin_memory", False)), prefetch_factor=config.get("prefetch_factor"))

@@ -1,0 +1,114 @@
+"""Text tokenization: local byte-level BPE training, loading from a directory, fixed-length batches.
+
+The tokenizer itself is always a ``transformers`` fast tokenizer (never a re-implementation of BPE).
+``train_bpe_tokenizer`` builds a RoBERTa-style byte-level BPE from texts with the ``tokenizers`` library, fully
+offline, and saves it so that ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+# RoBERTa's special tokens, in RoBERTa's id order: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> follows.
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+_BYTE_ALPHABET_SIZE = 256
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+):
+    """Train a byte-level BPE tokenizer with RoBERTa special tokens and post-processing; save and return it.
+
+    Args:
+        texts: training corpus (any iterable of strings).
+        out_dir: directory to write ``tokenizer.json`` + ``tokenizer_config.json`` into (created if needed).
+        vocab_size: target vocabulary size including the 256 byte symbols and the 5 special tokens.
+        min_frequency: minimum pair count for a merge.
+
+    Returns:
+        The saved tokenizer, loaded back with ``load_tokenizer(out_dir)``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import RobertaTokenizerFast
+
+    minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials), "
+                         f"got {vocab_size}")
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"train_bpe_tokenizer: texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    if not texts:
+        raise ValueError("train_bpe_tokenizer: got no texts to train on")
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.RobertaProcessing(
+        sep=("</s>", tok.token_to_id("</s>")), cls_token=("<s>", tok.token_to_id("<s>")),
+        trim_offsets=True, add_prefix_space=False,
+    )
+    hf_tok = RobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        add_prefix_space=False, model_max_length=512,
+    )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a fast tokenizer from a local directory with ``AutoTokenizer`` (never downloads)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")):
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.*)")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77) -> dict[str, torch.Tensor]:
+    """Tokenize a batch to fixed length (truncate, then pad to ``context_length``).
+
+    Args:
+        tokenizer: a transformers tokenizer (with a pad token).
+        texts: list of N strings.
+        context_length: output length L, special tokens included.
+
+    Returns:
+        ``dict(input_ids=(N, L) int64, attention_mask=(N, L) int64)``.
+    """
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"tokenize: texts must be a list of strings, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError("tokenize: got an empty list of texts")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"tokenize: texts[{i}] is {type(t).__name__}, expected str")
+    if context_length < 2:
+        raise ValueError(f"tokenize: context_length must be >= 2 (room for the special tokens), got {context_length}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenize: tokenizer {type(tokenizer).__name__} has no pad token")
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=context_length,
+                    return_attention_mask=True, return_tensors="pt")
+    return dict(input_ids=enc["input_ids"].long(), attention_mask=enc["attention_mask"].long())

@@ -1,0 +1,204 @@
+"""Retrieval R@K on a hand-built similarity matrix, caption-file readers, and an end-to-end run on the 8
+scikit-image photos with their CLIP-notebook captions (DATA.md) and a tiny dual encoder fitted in the test."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from florence.adapters import retrieval as rt
+
+# 3 images; captions 0, 1 belong to image 0, caption 2 to image 1, captions 3, 4 to image 2
+TEXT_TO_IMAGE = np.array([0, 0, 1, 2, 2])
+SIMILARITY = np.array([
+    [0.1, 0.9, 0.8, 0.2, 0.3],   # image 0: ranks captions 1, 2, 4, 3, 0 -> its caption 1 first
+    [0.7, 0.1, 0.2, 0.6, 0.5],   # image 1: ranks 0, 3, 4, 2, 1 -> its caption 2 fourth
+    [0.2, 0.3, 0.9, 0.1, 0.05],  # image 2: ranks 2, 1, 0, 3, 4 -> its captions fourth and fifth
+])
+
+
+def test_recall_at_k_on_a_hand_built_matrix():
+    got = rt.recall_at_k(SIMILARITY, TEXT_TO_IMAGE, ks=(1, 3, 5))
+    # image->text: a hit when ANY of the image's captions is in the top K (image 0's caption 0 is ranked last)
+    assert got["image_to_text_R@1"] == pytest.approx(1 / 3)
+    assert got["image_to_text_R@3"] == pytest.approx(1 / 3)
+    assert got["image_to_text_R@5"] == pytest.approx(1.0)
+    # text->image: only caption 1 ranks its image first; with 3 images every image is in the top 3
+    assert got["text_to_image_R@1"] == pytest.approx(1 / 5)
+    assert got["text_to_image_R@3"] == pytest.approx(1.0)
+
+
+def _brute_force_recall(sim, t2i, k):
+    n_img, n_txt = sim.shape
+    i2t = 0
+    for i in range(n_img):
+        top = sorted(range(n_txt), key=lambda j: (-sim[i, j], j))[:k]
+        i2t += any(t2i[j] == i for j in top)
+    t2i_hits = 0
+    for j in range(n_txt):
+        top = sorted(range(n_img), key=lambda i: (-sim[i, j], i))[:k]
+        t2i_hits += t2i[j] in top
+    return i2t / n_img, t2i_hits / n_txt
+
+
+def test_recall_at_k_matches_brute_force_on_random_scores():
+    rng = np.random.default_rng(0)
+    t2i = np.repeat(np.arange(20), 5)
+    sim = rng.normal(size=(20, 100)) + 0.8 * (t2i[None, :] == np.arange(20)[:, None])
+    got = rt.recall_at_k(sim, t2i)
+    for k in (1, 5, 10):
+        i2t, t2i_r = _brute_force_recall(sim, t2i, k)
+        assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i_r)
+
+
+def test_recall_rejects_bad_caption_index():
+    with pytest.raises(ValueError, match="text_to_image"):
+        rt.recall_at_k(SIMILARITY, np.array([0, 0, 1, 2, 3]))
+
+
+def test_karpathy_json_and_csv_readers(tmp_path):
+    data = {"images": [
+        {"filename": "a.jpg", "filepath": "val2014", "split": "test", "sentences": [{"raw": "one "}, {"raw": "two"}]},
+        {"filename": "b.jpg", "split": "train", "sentences": [{"raw": "skip"}]},
+        {"filename": "c.jpg", "split": "test", "sentences": [{"raw": "three"}]},
+    ]}
+    (tmp_path / "k.json").write_text(json.dumps(data))
+    pairs = rt.load_karpathy_json(tmp_path / "k.json", tmp_path / "img")
+    assert pairs.image_paths == [tmp_path / "img" / "val2014" / "a.jpg", tmp_path / "img" / "c.jpg"]
+    assert pairs.captions == ["one", "two", "three"]
+    assert pairs.text_to_image.tolist() == [0, 0, 1] and pairs.captions_of(0) == [0, 1]
+    (tmp_path / "p.csv").write_text("image,caption\nx.png,a cat\ny.png,a dog\nx.png,a kitten\n")
+    pairs = rt.load_caption_csv(tmp_path / "p.csv", tmp_path)
+    assert [p.name for p in pairs.image_paths] == ["x.png", "y.png"] and pairs.text_to_image.tolist() == [0, 1, 0]
+    (tmp_path / "bad.csv").write_text("file,text\nx.png,a cat\n")
+    with pytest.raises(ValueError, match="bad.csv"):
+        rt.load_caption_csv(tmp_path / "bad.csv", tmp_path)
+    with pytest.raises(FileNotFoundError, match="nothere.json"):
+        rt.load_karpathy_json(tmp_path / "nothere.json", tmp_path)
+
+
+# DATA.md: the eight scikit-image photos with the captions of OpenAI's CLIP notebook
+PHOTOS = {
+    "page": "a page of text about segmentation",
+    "chelsea": "a facial photo of a tabby cat",
+    "astronaut": "a portrait of an astronaut with the American flag",
+    "rocket": "a rocket standing on a launchpad",
+    "motorcycle_right": "a red motorcycle standing in a garage",
+    "camera": "a person looking at a camera on a tripod",
+    "horse": "a black-and-white silhouette of a horse",
+    "coffee": "a cup of coffee on a saucer",
+}
+
+
+def _skimage_photos(folder):
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir()
+    for name in PHOTOS:
+        array = data.stereo_motorcycle()[1] if name == "motorcycle_right" else getattr(data, name)()
+        image = Image.fromarray(array)
+        image.thumbnail((128, 128), Image.Resampling.BICUBIC)  # small files keep decoding and augmentation cheap
+        image.save(folder / f"{name}.png")
+    with open(folder / "captions.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows((f"{name}.png", caption) for name, caption in PHOTOS.items())
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while the test runs: on a shared 2-core machine a busy second thread slows the tiny
+    model's steps tenfold; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_retrieval_end_to_end_on_the_skimage_photos(tmp_path, one_thread):
+    pytest.importorskip("skimage")
+    import florence
+    from florence.benchmarks import eval_cli
+    from florence.data.images import decode_image
+    from florence.data.transforms import build_transform
+    from florence.tokenizer import train_bpe_tokenizer
+
+    photos = tmp_path / "photos"
+    _skimage_photos(photos)
+    captions = list(PHOTOS.values())
+    train_bpe_tokenizer(captions * 4, tmp_path / "tok", vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    model = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok"))
+    transform = build_transform(dict(model.preprocess), train=False)
+    images = torch.stack([transform(decode_image(photos / f"{n}.png")) for n in PHOTOS])  # 8, 3, H, W
+    tokens = model.tokenize(captions)
+    loss_fn = florence.UniCLLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(60):
+        out = model(images, tokens["input_ids"], tokens["attention_mask"])
+        loss = loss_fn(out.image_embeds, out.text_embeds, torch.arange(8), out.logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    bundle = model.save_pretrained(tmp_path / "bundle")
+
+    out_dir = tmp_path / "eval"
+    code = eval_cli.main(["retrieval", "--model", str(bundle), "--dataset", "skimage8", "--data-root", str(photos),
+                          "--captions", str(photos / "captions.csv"), "--output", str(out_dir), "--quiet"])
+    assert code == 0
+    result = json.loads((out_dir / "retrieval_skimage8.json").read_text())
+    metrics = result["metrics"]
+    # independent path: the same bundle, embeddings by hand, the similarity matrix, recall
+    loaded = florence.from_pretrained(bundle)
+    with torch.no_grad():
+        img = loaded.encode_image(images)
+        txt = loaded.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    expected = rt.recall_at_k((img @ txt.T).numpy(), np.arange(8))
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-9)
+    assert metrics["image_to_text_R@1"] >= 0.5 and metrics["text_to_image_R@1"] >= 0.5  # chance is 1/8
+    assert metrics["text_to_image_R@10"] == 1.0
+    assert result["data"]["num_images"] == 8 and result["data"]["test"]["file_count"] == 9
+    png = out_dir / "retrieval_skimage8.retrieval.png"
+    assert str(png) in result["pictures"]
+    from PIL import Image
+
+    with Image.open(png) as picture:
+        assert picture.size[0] > 500 and picture.size[1] > 500
+
+
+@pytest.mark.slow
+def test_finetuned_retrieval_trains_through_the_engine(tmp_path, one_thread):
+    """``florence eval retrieval-finetune``: the engine continues UniCL training on the pairs, the fine-tuned bundle
+    is evaluated, and it retrieves better than the untrained model it started from."""
+    pytest.importorskip("skimage")
+    import florence
+    from florence.benchmarks import eval_cli
+    from florence.tokenizer import train_bpe_tokenizer
+
+    photos = tmp_path / "photos"
+    _skimage_photos(photos)
+    train_bpe_tokenizer(list(PHOTOS.values()) * 4, tmp_path / "tok", vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    base = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "base")
+    common = ["--model", str(base), "--dataset", "skimage8", "--data-root", str(photos),
+              "--captions", str(photos / "captions.csv"), "--output", str(tmp_path / "eval"), "--quiet", "--no-plots"]
+    assert eval_cli.main(["retrieval", *common]) == 0
+    assert eval_cli.main(["retrieval-finetune", *common, "--train-captions", str(photos / "captions.csv"),
+                          "--ft-steps", "40", "--ft-lr", "1e-3", "--ft-batch-size", "8", "--ft-warmup-steps", "5"]) == 0
+    before = json.loads((tmp_path / "eval" / "retrieval_skimage8.json").read_text())
+    after = json.loads((tmp_path / "eval" / "retrieval_finetune_skimage8.json").read_text())
+    assert after["protocol"] == "florence-unicl-finetune-v1"
+    assert after["finetune"]["base_model"]["sha256"] == before["model"]["sha256"] != after["model"]["sha256"]
+    assert after["finetune"]["train_pairs"] == 8
+    keys = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
+    gain = sum(after["metrics"][k] - before["metrics"][k] for k in keys)
+    assert gain > 0.5, (before["metrics"], after["metrics"])

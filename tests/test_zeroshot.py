@@ -1,0 +1,140 @@
+"""Zero-shot classifier, metrics and template sets, checked against independent computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+from florence.adapters import zeroshot as zs
+from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set, load_template_file
+
+
+def _toy_encoder(dim: int = 16):
+    """A deterministic text 'encoder': a fixed random vector per prompt string (not normalised), and a call log."""
+    calls = []
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        calls.append(len(prompts))
+        rows = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(p)))
+            rows.append(3.0 * torch.randn(dim, generator=g))
+        return torch.stack(rows)
+
+    return encode, calls
+
+
+def test_classifier_is_the_normalised_mean_of_normalised_prompt_embeddings():
+    encode, calls = _toy_encoder()
+    classnames = ["cat", "dog", "ankle boot"]
+    templates = ["a photo of a {}.", "a {c} in a video game.", "art of the {}."]
+    got = zs.build_zeroshot_classifier(encode, classnames, templates, batch_size=4)
+    # independent: one class at a time, one prompt at a time
+    expected = []
+    for c in classnames:
+        vecs = [F.normalize(encode([t.replace("{c}", "{}").format(c)])[0], dim=0) for t in templates]
+        expected.append(F.normalize(torch.stack(vecs).mean(0), dim=0))
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(3))
+    assert calls[:3] == [4, 4, 1]  # 9 prompts in batches of 4 across class boundaries
+
+
+def test_classifier_does_not_depend_on_batch_size():
+    encode, _ = _toy_encoder()
+    a = zs.build_zeroshot_classifier(encode, ["a", "b", "c", "d"], ["x {}", "y {}"], batch_size=1)
+    b = zs.build_zeroshot_classifier(encode, ["a", "b", "c", "d"], ["x {}", "y {}"], batch_size=1000)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_classification_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(300, 12))
+    labels = rng.integers(0, 12, size=300)
+    scores[np.arange(300)[:100], labels[:100]] += 3.0  # some signal
+    got = zs.classification_metrics(scores, labels)
+    assert got["top1"] == pytest.approx(top_k_accuracy_score(labels, scores, k=1, labels=range(12)))
+    assert got["top5"] == pytest.approx(top_k_accuracy_score(labels, scores, k=5, labels=range(12)))
+    assert got["mean_per_class"] == pytest.approx(balanced_accuracy_score(labels, scores.argmax(1)))
+
+
+def test_mean_per_class_differs_from_top1_on_imbalanced_data():
+    scores = np.array([[1, 0], [1, 0], [1, 0], [1, 0]], dtype=float)  # always predicts class 0
+    labels = np.array([0, 0, 0, 1])
+    m = zs.classification_metrics(scores, labels)
+    assert m["top1"] == pytest.approx(0.75) and m["mean_per_class"] == pytest.approx(0.5)
+
+
+def test_voc11_average_precision_by_hand():
+    # ranked: pos, neg, pos, neg, neg -> precision 1, 1/2, 2/3, 1/2, 2/5 ; recall .5, .5, 1, 1, 1
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 0])
+    # recall thresholds 0..0.5 (6 points): max precision 1; 0.6..1.0 (5 points): 2/3
+    assert zs.voc11_average_precision(scores, targets) == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+    # a difficult (-1) sample is ignored, wherever it ranks
+    with_difficult = zs.voc11_average_precision(np.append(scores, 0.95), np.append(targets, -1))
+    assert with_difficult == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
+
+
+def _voc07_devkit_ap(scores: np.ndarray, targets: np.ndarray) -> float:
+    """The VOC2007 devkit recipe written independently: sorted tp/fp, cumulative, 11 recall points."""
+    order = np.argsort(-scores, kind="stable")
+    tp = (targets[order] == 1).astype(float)
+    fp = 1.0 - tp
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    rec = tp / (targets == 1).sum()
+    prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        p = 0.0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
+        ap += p / 11.0
+    return ap
+
+
+def test_voc11_map_matches_devkit_recipe_and_is_one_for_a_perfect_ranking():
+    rng = np.random.default_rng(1)
+    targets = (rng.random((200, 5)) < 0.3).astype(int)
+    scores = rng.normal(size=(200, 5)) + 1.5 * targets
+    expected = np.mean([_voc07_devkit_ap(scores[:, c], targets[:, c]) for c in range(5)])
+    assert zs.voc11_map(scores, targets)["map_11point"] == pytest.approx(expected)
+    assert zs.voc11_map(targets.astype(float), targets)["map_11point"] == pytest.approx(1.0)
+
+
+def test_template_hash_depends_on_templates_and_class_order():
+    h = zs.template_hash(["a {}."], ["cat", "dog"])
+    assert h == zs.template_hash(("a {}.",), ("cat", "dog"))
+    assert h != zs.template_hash(["a {}."], ["dog", "cat"])
+    assert h != zs.template_hash(["the {}."], ["cat", "dog"])
+
+
+def test_class_embeddings_are_cached_on_disk(tmp_path):
+    encode, calls = _toy_encoder()
+
+    def build():
+        return zs.build_zeroshot_classifier(encode, ["a", "b"], ["{}"], batch_size=8)
+
+    first, hit1 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], build)
+    second, hit2 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], build)
+    other, hit3 = zs.cached_class_embeddings(tmp_path, "n" * 64, ["a", "b"], ["{}"], build)
+    assert (hit1, hit2, hit3) == (False, True, False)
+    assert torch.equal(first, second) and len(calls) == 2
+
+
+def test_template_sets_have_clip_counts():
+    counts = {k: len(v) for k, v in DATASET_TEMPLATES.items()}
+    assert counts == {"cifar10": 18, "cifar100": 18, "food101": 1, "sun397": 2, "cars": 8, "fgvc_aircraft": 2,
+                      "voc2007": 1, "dtd": 8, "pets": 1, "caltech101": 34, "flowers102": 1}
+    assert len(get_template_set("imagenet")) == 80
+    assert all(t.count("{}") == 1 for v in DATASET_TEMPLATES.values() for t in v)
+    assert DATASET_TEMPLATES["food101"] == ("a photo of {}, a type of food.",)
+
+
+def test_user_template_file(tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n\nan {} drawing\n")
+    assert load_template_file(tmp_path / "t.txt") == ("a photo of a {}.", "an {} drawing")
+    (tmp_path / "bad.json").write_text('["no placeholder"]')
+    with pytest.raises(ValueError, match="bad.json"):
+        load_template_file(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_template_file(tmp_path / "missing.txt")
