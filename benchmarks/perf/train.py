@@ -1,0 +1,218 @@
+"""Training throughput and peak memory of a UniCL step, beside open_clip on the same machine in the same run.
+
+    python -m florence.benchmarks.perf.train [--models tiny coswin_tiny] [--steps 3] [--threads N]
+
+Rows:
+
+- ``florence <model> <dtype>``: one optimizer step (forward, UniCL loss, backward, AdamW) of the ``unicl_test``
+  ("tiny") or ``unicl_coswin_tiny`` dual encoder, fp32 and bf16 autocast;
+- ``open_clip <model> <dtype>``: open_clip's ``CLIP`` + ``ClipLoss`` + AdamW on a model of similar size built from a
+  config (no pretrained weights): for tiny a 7-layer ViT of width 128 + a 2-layer text transformer of width 64; for
+  coswin_tiny timm's Swin-T (``swin_tiny_patch4_window7_224``, random init) + a 12-layer width-768 text transformer
+  (RoBERTa-base shaped);
+- ``florence tiny grad-cache B=<n>``: one gradient-cached step at global batch 256 and 2048 with the same chunk size
+  (peak memory should stay nearly flat), and the plain step at 256 for contrast.
+
+Every row runs in a fresh process (``multiprocessing`` spawn) so the peak-memory numbers do not mix. Peak memory:
+on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak resident set size
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its resident size after building the model, inputs and
+optimizer (so it counts activations, gradients and optimizer state, not the weights or the Python runtime).
+Images/s is the global batch divided by the median step time over ``--steps`` timed steps after one warm-up step.
+Input ids are random tokens of full context length (77); images are random at the model's input size.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    name: str
+    params_m: float
+    batch: int
+    images_per_s: float
+    peak_mib: float
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_bytes(device: torch.device, baseline: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+
+
+def _florence_model(name: str, device: torch.device):
+    import florence
+
+    model = florence.create_model({"tiny": "unicl_test", "coswin_tiny": "unicl_coswin_tiny"}[name])
+    return model.to(device), model.text_encoder.vocab_size, model.preprocess["input_size"][-1]
+
+
+def _open_clip_model(name: str, device: torch.device):
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    if name == "tiny":
+        vision = CLIPVisionCfg(layers=7, width=128, head_width=32, patch_size=8, image_size=56)
+        text = CLIPTextCfg(context_length=77, vocab_size=512, width=64, heads=4, layers=2)
+        embed_dim, size, vocab = 32, 56, 512
+    else:
+        vision = CLIPVisionCfg(timm_model_name="swin_tiny_patch4_window7_224", timm_model_pretrained=False,
+                               timm_pool="avg", timm_proj="linear", image_size=224)
+        text = CLIPTextCfg(context_length=77, vocab_size=49408, width=768, heads=12, layers=12)
+        embed_dim, size, vocab = 512, 224, 49408
+    return open_clip.CLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text).to(device), vocab, size
+
+
+def _inputs(batch: int, size: int, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randn(batch, 3, size, size, generator=g).to(device),
+        "input_ids": torch.randint(3, vocab, (batch, 77), generator=g).to(device),
+        "attention_mask": torch.ones(batch, 77, dtype=torch.long).to(device),
+        "labels": torch.arange(batch).to(device),
+    }
+
+
+def _florence_step(model, inputs, precision, optimizer, chunk: int | None):
+    from florence.backbone.loss import UniCLLoss
+    from florence.engine.step import StepContext, train_step
+
+    ctx = StepContext(model=model, loss_fn=UniCLLoss(), optimizer=optimizer, scheduler=_NoSchedule(),
+                      precision=precision, device=inputs["images"].device, clip_grad_norm=None, grad_cache_chunk=chunk)
+    return lambda: train_step(ctx, [inputs])
+
+
+class _NoSchedule:
+    def step(self) -> None:
+        pass
+
+
+def _open_clip_step(model, inputs, precision, optimizer):
+    import open_clip
+
+    loss_fn = open_clip.ClipLoss()
+
+    def step():
+        with precision.autocast():
+            image, text, scale = model(inputs["images"], inputs["input_ids"])
+        loss = loss_fn(image.float(), text.float(), scale.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, threads: int,
+            chunk: int | None = None) -> Row:
+    """One row, in this process (call through ``_in_subprocess``)."""
+    from florence.engine.precision import build_precision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    build = _florence_model if library == "florence" else _open_clip_model
+    model, vocab, size = build(model_name, device)
+    model.train()
+    inputs = _inputs(batch, size, vocab, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    precision = build_precision(dtype, device)
+    if library == "florence":
+        step = _florence_step(model, inputs, precision, optimizer, chunk)
+    else:
+        step = _open_clip_step(model, inputs, precision, optimizer)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first step warms up (allocator, optimizer state)
+            times.append(time.perf_counter() - start)
+    name = f"{library} {model_name} {dtype}" + (f" grad-cache chunk={chunk}" if chunk else "")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return Row(name=name, params_m=params, batch=batch, images_per_s=batch / statistics.median(times),
+               peak_mib=_peak_bytes(device, baseline) / MIB)
+
+
+def _worker(queue, kwargs):
+    queue.put(measure(**kwargs))
+
+
+def _in_subprocess(**kwargs) -> Row:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(queue, kwargs))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+def markdown(rows: list[Row], ratios: dict[str, float]) -> str:
+    lines = ["| run | params (M) | batch | images/s | peak memory (MiB) | florence / open_clip images/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{ratios[r.name]:.2f}" if r.name in ratios else ""
+        lines.append(f"| {r.name} | {r.params_m:.1f} | {r.batch} | {r.images_per_s:.1f} | {r.peak_mib:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "coswin_tiny"], choices=["tiny", "coswin_tiny"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-tiny", type=int, default=64)
+    parser.add_argument("--batch-coswin-tiny", type=int, default=8)
+    parser.add_argument("--chunk", type=int, default=32, help="gradient-cache chunk size")
+    parser.add_argument("--cache-batches", nargs="+", type=int, default=[256, 2048])
+    args = parser.parse_args(argv)
+
+    rows, ratios = [], {}
+    for model in args.models:
+        batch = args.batch_tiny if model == "tiny" else args.batch_coswin_tiny
+        for dtype in args.dtypes:
+            ours = _in_subprocess(library="florence", model_name=model, dtype=dtype, batch=batch, steps=args.steps,
+                                  threads=args.threads)
+            theirs = _in_subprocess(library="open_clip", model_name=model, dtype=dtype, batch=batch,
+                                    steps=args.steps, threads=args.threads)
+            ratios[ours.name] = ours.images_per_s / theirs.images_per_s
+            rows += [ours, theirs]
+            print(f"{ours.name}: {ours.images_per_s:.1f} img/s; {theirs.name}: {theirs.images_per_s:.1f} img/s",
+                  flush=True)
+    plain = _in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=min(args.cache_batches), steps=1,
+                           threads=args.threads)
+    plain.name += " (no grad cache)"
+    rows.append(plain)
+    for batch in args.cache_batches:
+        rows.append(_in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=batch, steps=1,
+                                   threads=args.threads, chunk=args.chunk))
+        print(f"grad cache B={batch}: {rows[-1].peak_mib:.0f} MiB", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
+    print(f"\nUniCL training step, {device}, torch {torch.__version__}\n")
+    print(markdown(rows, ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""Engine end to end on a tiny model and 32 generated images: resume, non-finite steps, outputs, torchrun DDP/FSDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from florence.engine.config import config_from_dict
+from florence.engine.metrics import read_metrics
+from florence.engine.train import NonFiniteLossError, fit, run, setup
+
+CLASSES = ("circle", "square", "stripes", "dots")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """4 classes x 8 generated 28x28 RGB images with a class-specific pattern plus noise."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:28, :28]
+    patterns = {
+        "circle": ((yy - 14) ** 2 + (xx - 14) ** 2 < 80),
+        "square": (abs(yy - 14) < 8) & (abs(xx - 14) < 8),
+        "stripes": (xx // 3) % 2 == 0,
+        "dots": ((yy % 7) < 2) & ((xx % 7) < 2),
+    }
+    for name, mask in patterns.items():
+        (root / name).mkdir()
+        for i in range(8):
+            img = rng.integers(0, 60, (28, 28, 3)) + 180 * mask[..., None] * rng.uniform(0.7, 1.0, 3)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def tiny_config(image_folder: Path, run_dir: Path, **sections) -> dict:
+    """A complete run config for the tiny model on the generated images (dropout and drop-path on, so resume has
+    RNG streams to restore)."""
+    cfg = {
+        "model": {
+            "name": "unicl_test",
+            "train_tokenizer_vocab": 300,
+            "context_length": 16,
+            "overrides": {
+                "image": {"drop_path_rate": 0.1},
+                "text": {"hidden_dropout_prob": 0.1},
+                "preprocess": {"input_size": [3, 28, 28], "mean": [0.5] * 3, "std": [0.25] * 3,
+                               "interpolation": "bicubic", "crop_pct": 1.0},
+            },
+        },
+        "data": {"sources": [{"type": "image_folder", "path": str(image_folder)}], "augment": {"scale": [0.7, 1.0]}},
+        "optim": {"lr": 2e-3, "batch_size": 8, "weight_decay": 0.05},
+        "schedule": {"steps": 6, "warmup_steps": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 2},
+        "output": {"dir": str(run_dir), "log_every": 1, "progress": False, "tensorboard": False},
+        "seed": 3,
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def test_resume_after_kill_gives_identical_losses(image_folder, tmp_path):
+    import florence
+
+    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full")))
+    assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) for v in full.losses.values())
+
+    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "killed"))
+    first = run(cfg, stop_after_steps=4)  # "killed" after step 4: the last checkpoint is step 3
+    assert first.final_dir is None and sorted(first.losses) == [1, 2, 3, 4]
+    resumed = run(cfg)
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (1, 2, 3, 4):
+        assert first.losses[step] == full.losses[step]
+    for step in (4, 5, 6):
+        assert resumed.losses[step] == full.losses[step], (step, resumed.losses[step], full.losses[step])
+
+    run_dir = tmp_path / "killed"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert all({"step", "loss", "lr"} <= set(r) for r in read_metrics(run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["batch_size"] == 8
+    assert "torch" in json.loads((run_dir / "versions.json").read_text())
+
+    a, b = florence.from_pretrained(tmp_path / "full" / "final"), florence.from_pretrained(run_dir / "final")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert b.tokenize(["a photo of a circle."])["input_ids"].shape == (1, 16)
+
+
+class _NaNOnCalls(torch.nn.Module):
+    """Wraps the UniCL loss; returns NaN on the given call numbers (1-based)."""
+
+    def __init__(self, loss_fn, bad_calls):
+        super().__init__()
+        self.loss_fn, self.bad_calls, self.calls = loss_fn, set(bad_calls), 0
+
+    def forward(self, *args):
+        self.calls += 1
+        loss = self.loss_fn(*args)
+        return loss * float("nan") if self.calls in self.bad_calls or "all" in self.bad_calls else loss
+
+
+def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
+    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "nan", checkpoint={"every_steps": None},
+                                       optim={"max_nonfinite_in_a_row": 2}))
+    state = setup(cfg)
+    state.ctx.loss_fn = _NaNOnCalls(state.ctx.loss_fn, bad_calls={2, 4})
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    losses = fit(state, stop_after_steps=2)
+    assert math.isfinite(losses[1]) and math.isnan(losses[2])
+    after_one = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    assert any(not torch.equal(before[n], after_one[n]) for n in before)
+    losses = fit(state)
+    assert state.skipped == 2 and state.step == 6
+    assert all(p.grad is None for p in state.model.parameters())
+
+    state = setup(config_from_dict(tiny_config(image_folder, tmp_path / "nan2", checkpoint={"every_steps": None},
+                                               optim={"max_nonfinite_in_a_row": 2})))
+    state.ctx.loss_fn = _NaNOnCalls(state.ctx.loss_fn, bad_calls={"all"})
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        fit(state)
+
+
+NO_DROPOUT = {"image": {"drop_path_rate": 0.0}, "text": {"hidden_dropout_prob": 0.0}}
+
+
+def test_grad_cache_and_accumulation_run(image_folder, tmp_path):
+    """The gradient-cached step gives the same losses as the plain step (same global batch, fp32, no dropout:
+    dropout masks are drawn per chunk, so they differ from a full-batch forward)."""
+    def config(name, **sections):
+        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 3}, **sections)
+        cfg["model"]["overrides"].update(NO_DROPOUT)
+        return config_from_dict(cfg)
+
+    plain = run(config("plain"))
+    cached = run(config("cached", optim={"grad_cache_chunk": 3}))
+    for step in plain.losses:
+        assert cached.losses[step] == pytest.approx(plain.losses[step], abs=1e-5)
+    accum = run(config_from_dict(tiny_config(image_folder, tmp_path / "accum", schedule={"steps": 2},
+                                             optim={"accum_steps": 2}, precision={"dtype": "bf16"})))
+    assert all(math.isfinite(v) for v in accum.losses.values())
+
+
+def test_fp16_on_cpu_is_a_clear_error(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        setup(config_from_dict(tiny_config(image_folder, tmp_path / "fp16", precision={"dtype": "fp16"})))
+
+
+def test_cli_main_with_overrides(image_folder, tmp_path):
+    from florence.engine.train import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(image_folder, tmp_path / "cli")))
+    # 0.5 epochs of 32 images at global batch 8 -> 2 steps
+    source = f"{{type: image_folder, path: {image_folder}}}"
+    assert main([str(path), "schedule.steps=null", "schedule.epochs=0.5", "checkpoint.every_steps=null",
+                 "eval.zero_shot=true", f"eval.source={source}"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2]
+    assert (tmp_path / "cli" / "final" / "model.safetensors").is_file()
+    accuracy = json.loads((tmp_path / "cli" / "zero_shot.json").read_text())["top1"]
+    assert 0.0 <= accuracy <= 1.0 and accuracy * 32 == round(accuracy * 32)  # 32 images scored
+    assert main([str(path), "optim.learning_rate=1"]) == 2  # unknown key: clear error, no run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(config: dict, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "florence", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return Path(config["output"]["dir"])
+
+
+def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    import florence
+
+    return florence.from_pretrained(run_dir / "final").state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, chunk", [("ddp", 2), ("fsdp", None)])
+def test_two_processes_match_one(image_folder, tmp_path, strategy, chunk):
+    """torchrun with 2 gloo processes (global batch 8 = 2 x 4; DDP with the gradient cache in chunks of 2, or FSDP2)
+    matches 1 process with batch 8: per-step losses and final parameters. The FSDP run is then resumed from its
+    sharded step-3 checkpoint and repeats the step-4 loss."""
+
+    def config(name, **extra):
+        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 4}, optim={"grad_cache_chunk": chunk},
+                          distributed={"strategy": strategy}, **extra)
+        cfg["model"]["overrides"].update(NO_DROPOUT)
+        return cfg
+
+    single = run(config_from_dict(config("single")))
+    multi_dir = _torchrun(config("multi"), tmp_path, "multi")
+    multi = {r["step"]: r["loss"] for r in read_metrics(multi_dir)}
+    for step, loss in single.losses.items():
+        assert multi[step] == pytest.approx(loss, abs=1e-4), step
+    a, b = _final_params(tmp_path / "single"), _final_params(multi_dir)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    step3 = multi_dir / "checkpoints" / "step_00000003"
+    assert (step3 / "sharded").is_dir() == (strategy == "fsdp")
+    assert (step3 / "rank0.pt").is_file() and (step3 / "rank1.pt").is_file()
+    if strategy == "fsdp":
+        resumed_dir = _torchrun(config("resumed", checkpoint={"resume": str(step3)}), tmp_path, "resumed")
+        resumed = {r["step"]: r["loss"] for r in read_metrics(resumed_dir)}
+        assert list(resumed) == [4] and resumed[4] == pytest.approx(multi[4], abs=1e-6)
