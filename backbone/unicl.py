@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from florence.backbone.text_tower import TextTower
+from florence.bundle import BundleMixin
 
 _CONFIG_KEYS = ("name", "image", "text", "embed_dim", "context_length", "preprocess")
 _PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
@@ -53,7 +54,7 @@ class UniCLOutput:
         return self.logit_scale * self.image_embeds @ self.text_embeds.t()
 
 
-class UniCLModel(nn.Module):
+class UniCLModel(BundleMixin, nn.Module):
     """Image tower -> ``image_projection`` (8C -> D, no bias); text tower (with its own projection);
     shared learnable ``logit_scale`` (log of the multiplier).
 
@@ -161,12 +162,6 @@ class UniCLModel(nn.Module):
         names |= {f"text_encoder.{n}" for n in self.text_encoder.no_weight_decay()}
         params = dict(self.named_parameters())
         return {n for n in names if n in params}
-
-    def save_pretrained(self, directory: str | os.PathLike):
-        """Write a checkpoint bundle (config, safetensors weights, tokenizer, preprocessing, manifest)."""
-        from florence.bundle import save_pretrained
-
-        return save_pretrained(self, directory)
 
 
 def _check_config(config: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.perf_counter() - start
     print(f"\n== demo finished in {total:.0f}s (pre-training {trained_at:.0f}s)")
-    for task in ("zeroshot", "linear-probe"):
+    for task in ("zeroshot", "linear_probe"):
         path = results / f"{task}_fashion_mnist.json"
         metrics = json.loads(path.read_text())["metrics"]
         shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items() if isinstance(v, float))

@@ -104,35 +104,6 @@ def _jsonable(overrides: Mapping[str, Any], name: str) -> dict[str, Any]:
         raise TypeError(f"overrides of {name!r} must be JSON values (they are saved in bundles): {e}") from None
 
 
-def read_state_dict(src: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict from a mapping, a ``.safetensors`` file, or a torch file loaded with ``weights_only=True``.
-
-    Common wrappers (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped. Nothing is unpickled.
-    """
-    if isinstance(src, Mapping):
-        state = dict(src)
-    else:
-        path = Path(src)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle.UnpicklingError and friends: name the file
-                raise ValueError(f"{path}: not a plain tensor checkpoint (loaded with weights_only=True): {e}") from e
-    for wrapper in ("model", "state_dict", "module"):
-        if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = dict(state[wrapper])
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"state dict holds non-tensor entries: {bad[:5]}")
-    return state
-
-
 def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor], format: str = "florence", strict: bool = True):
     """Load weights explicitly and return a ``LoadReport`` (loaded / missing / unexpected / newly initialised / resized).
 
@@ -140,7 +111,7 @@ def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor],
     - ``format="timm"`` / ``"microsoft"``: a Swin state dict in timm's or the official Microsoft layout (UniCL and
       DynamicHead checkpoints); for a dual encoder it goes into ``model.image_encoder``.
     """
-    from florence.backbone.convert import LoadReport, load_image_tower_weights
+    from florence.backbone.convert import LoadReport, load_image_tower_weights, read_state_dict
     from florence.backbone.coswin import CoSwin
 
     if format not in _FORMATS:

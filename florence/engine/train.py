@@ -87,7 +87,8 @@ def data_texts(data_cfg: dict) -> list[str]:
                 for n in [name] if isinstance(name, str) else name:
                     texts += [t.format(clean_class_name(n)) for t in source.templates]
         elif hasattr(source, "items"):
-            texts += [str(caption) for _, caption, _ in source.items if caption]
+            # captions that are not valid UTF-8 stay bytes in the source (the loader skips them): not tokenizer text
+            texts += [caption for _, caption, _ in source.items if isinstance(caption, str) and caption.strip()]
         else:
             raise ConfigError(f"model.train_tokenizer_vocab: cannot list the texts of data source {spec}")
     return texts

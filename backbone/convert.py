@@ -1,0 +1,221 @@
+"""Foreign weights for the image tower: timm and Microsoft Swin layouts, relative-position table resizing.
+
+``load_image_tower_weights(model, src, format)`` reads a state dict (``.safetensors``, or ``.pth/.pt/.bin`` with
+``torch.load(weights_only=True)``; nothing is unpickled), maps it onto :class:`~florence.backbone.coswin.CoSwin`
+and returns a :class:`LoadReport`.
+
+Formats:
+
+- ``"timm"``: ``timm.models.swin_transformer.SwinTransformer`` keys. Our parameter names are timm's, so only the
+  classifier (``head.*``) and the non-persistent buffers are dropped.
+- ``"microsoft"``: the official Swin repository layout (UniCL and DynamicHead checkpoints use it). It puts patch
+  merging at the *end* of a stage (``layers.0.downsample`` exists), timm and we at the *start* of the next one, so
+  ``layers.N.downsample.*`` becomes ``layers.N+1.downsample.*``; ``head.*``, ``relative_position_index`` and
+  ``attn_mask`` buffers are dropped (timm's ``checkpoint_filter_fn`` does the same).
+- ``"florence"``: our own layout (what ``state_dict()`` gives), loaded as is.
+
+Loading a Swin checkpoint (timm / microsoft) into a CoSwin with convolutional embeddings (``embed="conv"``): the
+transformer blocks and the final norm load; Swin's patch embedding and patch-merging keys cannot (different
+operators) and are listed in ``skipped``; our ``patch_embed.*`` and ``layers.*.downsample.*`` parameters keep their
+fresh initialisation and are listed in ``newly_initialized``. That is the only "missing" a strict load accepts.
+
+Relative-position bias tables whose window differs from the model's are resized bicubically per head, as Swin's
+``load_pretrained`` does for 224 -> 384 (window 7 -> 12); their names are listed in ``resized``.
+
+Wrappers: ``{"model": ...}``, ``{"state_dict": ...}`` and ``{"module": ...}`` are unwrapped; ``module.`` /
+``model.`` prefixes are stripped; when keys carry an ``image_encoder.`` (UniCL) or ``backbone.`` /
+``backbone.bottom_up.`` (detection) prefix, only that subtree is taken and the rest is listed in ``skipped``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from florence.backbone.coswin import CoSwin
+
+__all__ = [
+    "LoadReport", "load_image_tower_weights", "read_state_dict", "microsoft_to_timm", "resize_relative_position_table",
+]
+
+_BUFFERS = ("relative_position_index", "attn_mask")
+_EMBED_KEY = re.compile(r"^(patch_embed\.|layers\.\d+\.downsample\.)")
+_STRIP_PREFIXES = ("module.", "model.")
+_SUBTREE_PREFIXES = ("image_encoder.", "backbone.bottom_up.", "backbone.")
+
+
+@dataclass
+class LoadReport:
+    """What a weight load did. Lists are sorted names in the model's (= timm's) layout; checkpoint keys are named
+    after prefix stripping and the Microsoft -> timm mapping.
+
+    - ``loaded``: taken from the checkpoint (possibly resized).
+    - ``missing``: model keys the checkpoint lacks (a strict load fails if any is not newly initialised on purpose).
+    - ``unexpected``: checkpoint keys the model has no place for (a strict load fails on any).
+    - ``newly_initialized``: model keys that keep their fresh initialisation on purpose (CoSwin conv embeddings).
+    - ``resized``: relative-position tables interpolated to the model's window size.
+    - ``skipped``: checkpoint keys dropped on purpose (buffers, classifier, Swin embeddings, other towers).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    newly_initialized: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+            f"newly initialised {len(self.newly_initialized)}, resized {len(self.resized)}, skipped {len(self.skipped)}"
+        ]
+        for name in ("missing", "unexpected", "newly_initialized", "resized", "skipped"):
+            keys = getattr(self, name)
+            if keys:  # grouped by module: "patch_embed.proj (weight, bias)"
+                groups: dict[str, list[str]] = {}
+                for key in keys:
+                    module, _, leaf = key.rpartition(".")
+                    groups.setdefault(module, []).append(leaf)
+                shown = [f"{m} ({', '.join(leaves)})" if m else ", ".join(leaves) for m, leaves in groups.items()]
+                more = f", ... (+{len(shown) - 12} modules)" if len(shown) > 12 else ""
+                lines.append(f"  {name}: " + ", ".join(shown[:12]) + more)
+        return "\n".join(lines)
+
+
+def read_state_dict(src: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat ``name -> tensor`` dict from a mapping or a file, unwrapping ``model`` / ``state_dict`` / ``module``.
+
+    ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``.
+    """
+    if isinstance(src, Mapping):
+        state = dict(src)
+        origin = "state dict"
+    else:
+        path = Path(src)
+        origin = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError and friends: refuse, naming the file
+                raise ValueError(f"{path}: not a plain tensor checkpoint (read with weights_only=True): {e}") from e
+    while True:
+        wrapper = next((w for w in ("model", "state_dict", "module") if isinstance(state.get(w), Mapping)), None)
+        if wrapper is None:
+            break
+        state = dict(state[wrapper])
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{origin}: entries that are not tensors: {bad[:5]}")
+    return state
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove wrapper prefixes; select the image-tower subtree. Returns (state, keys left out)."""
+    left_out: list[str] = []
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+        for prefix in _SUBTREE_PREFIXES:
+            if any(k.startswith(prefix) for k in state):
+                left_out += [k for k in state if not k.startswith(prefix)]
+                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                changed = True
+                break
+    return state, left_out
+
+
+def microsoft_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Swin keys -> timm keys: ``layers.N.downsample`` -> ``layers.N+1.downsample`` (other names agree)."""
+    out = {}
+    for k, v in state.items():
+        out[re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)] = v
+    return out
+
+
+def resize_relative_position_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize a ``((2h-1)(2w-1), nH)`` table from a square source window to ``window`` (Swin's recipe)."""
+    length, heads = table.shape
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"relative-position table of {length} rows is not square; cannot infer its window")
+    size = (2 * window[0] - 1, 2 * window[1] - 1)
+    if (side, side) == size:
+        return table
+    grid = table.float().t().reshape(1, heads, side, side)  # 1, nH, 2w-1, 2w-1
+    grid = F.interpolate(grid, size=size, mode="bicubic", align_corners=False)  # 1, nH, 2W-1, 2W-1
+    return grid.reshape(heads, -1).t().to(table.dtype)  # (2W-1)^2, nH
+
+
+def load_image_tower_weights(
+    model: CoSwin,
+    src: str | Path | Mapping[str, torch.Tensor],
+    format: Literal["timm", "microsoft", "florence"] = "timm",
+    strict: bool = True,
+) -> LoadReport:
+    """Load a Swin / CoSwin state dict into ``model`` and report what happened (see the module docstring).
+
+    Strict (default): raises ``KeyError`` naming the keys when anything is missing (other than the deliberately
+    newly initialised conv embeddings), unexpected, or of the wrong shape. Non-strict: loads what fits.
+    """
+    if format not in ("timm", "microsoft", "florence"):
+        raise ValueError(f"format must be 'timm', 'microsoft' or 'florence', got {format!r}")
+    origin = src if not isinstance(src, Mapping) else "state dict"
+    state, skipped = _strip_prefixes(read_state_dict(src))
+    if format == "microsoft":
+        state = microsoft_to_timm(state)
+
+    dropped = {k for k in state if k.endswith(_BUFFERS) or k.startswith("head.")}
+    skipped += dropped
+    state = {k: v for k, v in state.items() if k not in dropped}
+    own = model.state_dict()
+    swin_source_into_conv = format != "florence" and model.embed == "conv"
+    newly_initialized: list[str] = []
+    if swin_source_into_conv:
+        skipped += [k for k in state if _EMBED_KEY.match(k)]
+        state = {k: v for k, v in state.items() if not _EMBED_KEY.match(k)}
+        newly_initialized = [k for k in own if _EMBED_KEY.match(k)]
+
+    resized, mismatched, loadable = [], [], {}
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if k.endswith("relative_position_bias_table") and v.shape != own[k].shape and v.shape[1] == own[k].shape[1]:
+            window = model.get_submodule(k.rsplit(".", 1)[0]).window_size
+            v = resize_relative_position_table(v, window)
+            resized.append(k)
+        if v.shape != own[k].shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+            continue
+        loadable[k] = v
+    missing = sorted(k for k in own if k not in state and k not in newly_initialized)
+    unexpected = sorted(k for k in state if k not in own)
+    if strict and (missing or unexpected or mismatched):
+        raise KeyError(
+            f"{origin} ({format} layout) does not fit {type(model).__name__}(embed={model.embed!r}): "
+            f"missing {missing[:10]} ({len(missing)} in all), unexpected {unexpected[:10]} ({len(unexpected)}), "
+            f"shape mismatch {mismatched[:10]} ({len(mismatched)})"
+        )
+    model.load_state_dict(loadable, strict=False)
+    return LoadReport(
+        loaded=sorted(loadable),
+        missing=missing,
+        unexpected=sorted(unexpected + [m.split(" ")[0] for m in mismatched]),
+        newly_initialized=sorted(newly_initialized),
+        resized=sorted(resized),
+        skipped=sorted(skipped),
+    )

@@ -1,0 +1,674 @@
+"""CoSwin image tower: Swin Transformer blocks with CvT convolutional embeddings (Florence, SPEC §1).
+
+``CoSwin(embed="conv")`` is the Florence image encoder: stem ``Conv(3, C, 7, s4, p2) + LN`` and, between stages,
+``Conv(C_i, 2C_i, 3, s2, p1) + LN`` instead of Swin's patch merging. ``CoSwin(embed="patch")`` is the plain Swin
+Transformer (``Conv(3, C, 4, s4) + LN`` stem, 2x2 patch merging), so published Swin checkpoints load unchanged.
+
+Parameter names follow timm's ``SwinTransformer`` (``patch_embed.proj``, ``layers.N.downsample``,
+``layers.N.blocks.M.attn.qkv``, ``...attn.relative_position_bias_table``, ``norm1``, ``mlp.fc1``, ``norm``), so a
+timm state dict loads with no mapping (``backbone/convert.py`` handles the Microsoft layout).
+
+Geometry. The model accepts any input size. Each stage has a configured window (the bias table is sized for it).
+At run time, per feature size (H, W) and per dimension: if the feature is no larger than the window, the window is
+clamped to the feature and the shift is 0 (Swin's rule); otherwise the shifted blocks shift by window // 2. The
+feature map is zero-padded at the bottom/right to a window multiple after ``norm1`` and before the cyclic shift,
+the shift mask is built on the padded map (Swin's detection code does the same), and the padding is cropped after
+attention. A clamped window reads the central part of the bias table, i.e. the same relative-offset biases.
+Relative-position indices, shift masks and window orders are built once per (feature size, device) and cached in
+the stage.
+
+Speed. The cyclic shift and the window partition (and their inverses) are one precomputed token gather each way
+instead of ``roll`` + ``permute`` copies; the bias and shift mask are combined once per block; ``fused_attn`` runs
+``F.scaled_dot_product_attention`` with a 4-D float mask so PyTorch's fused CPU/GPU kernels apply.
+``benchmarks/perf/backbone.py`` measures it against timm.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from florence.bundle import BundleMixin
+from florence.registry import register_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SHIFT_MASK_VALUE = -100.0  # Swin masks cross-region pairs with -100, not -inf
+
+__all__ = [
+    "CoSwin", "window_partition", "window_reverse", "window_order", "relative_position_index", "shift_attention_mask",
+]
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# window helpers
+
+
+def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """Split ``(B, H, W, C)`` into non-overlapping windows ``(B * nW, wh * ww, C)``, row-major over windows.
+
+    H and W must be multiples of the window.
+    """
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C)  # B, nH, wh, nW, ww, C
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, C)  # B*nWin, wh*ww, C
+
+
+def window_reverse(windows: torch.Tensor, window: tuple[int, int], H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, wh * ww, C)`` -> ``(B, H, W, C)``."""
+    wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C)  # B, nH, nW, wh, ww, C
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)  # B, H, W, C
+
+
+def relative_position_index(
+    window: tuple[int, int], table_window: tuple[int, int] | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Index of each (query, key) pair of a window into a relative-position bias table.
+
+    Swin's construction: pairwise coordinate differences shifted to be non-negative, the row offset multiplied by
+    ``2 * Ww - 1``. ``table_window`` (default: ``window``) is the window the table was built for; a smaller
+    ``window`` reads the entries of the same relative offsets. Returns a LongTensor ``(wh*ww, wh*ww)``.
+    """
+    wh, ww = window
+    th, tw = table_window or window
+    if wh > th or ww > tw:
+        raise ValueError(f"window {window} is larger than the bias table's window {table_window}")
+    rows, cols = torch.arange(wh, device=device), torch.arange(ww, device=device)
+    coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))  # 2, wh, ww
+    coords = coords.flatten(1)  # 2, wh*ww
+    rel = coords[:, :, None] - coords[:, None, :]  # 2, N, N
+    return (rel[0] + th - 1) * (2 * tw - 1) + (rel[1] + tw - 1)  # N, N
+
+
+def shift_attention_mask(
+    padded_size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
+    """Swin's shifted-window mask ``(nW, N, N)``: 0 within a region, -100 across regions of the rolled map.
+
+    ``padded_size`` is (Hp, Wp), multiples of ``window``; regions are the slices ``[0, -w)``, ``[-w, -s)``,
+    ``[-s, end)`` per dimension.
+    """
+    Hp, Wp = padded_size
+    region = torch.zeros(1, Hp, Wp, 1, device=device)
+    label = 0
+    for hs in (slice(0, -window[0]), slice(-window[0], -shift[0] or None), slice(-shift[0] or Hp, None)):
+        for ws in (slice(0, -window[1]), slice(-window[1], -shift[1] or None), slice(-shift[1] or Wp, None)):
+            region[:, hs, ws, :] = label
+            label += 1
+    region = window_partition(region, window).squeeze(-1)  # nW, N
+    diff = region[:, None, :] - region[:, :, None]  # nW, N, N
+    return torch.zeros_like(diff).masked_fill_(diff != 0, SHIFT_MASK_VALUE)
+
+
+def window_order(
+    padded_size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
+    """Token permutation doing Swin's cyclic shift by ``-shift`` and :func:`window_partition` in one gather.
+
+    For tokens ``t (B, Hp*Wp, C)`` (row-major), ``t[:, order]`` equals
+    ``window_partition(torch.roll(t.view(B, Hp, Wp, C), (-sh, -sw), (1, 2)), window)`` flattened to
+    ``(B, nW*N, C)``; ``t[:, argsort(order)]`` undoes it (window_reverse + roll back). Returns ``(Hp*Wp,)`` long.
+    """
+    Hp, Wp = padded_size
+    rows = (torch.arange(Hp, device=device) + shift[0]) % Hp
+    cols = (torch.arange(Wp, device=device) + shift[1]) % Wp
+    source = rows[:, None] * Wp + cols[None, :]  # Hp, Wp: the token each rolled position reads
+    return window_partition(source[None, :, :, None], window).flatten()  # nW*N
+
+
+@dataclass(frozen=True)
+class TokenOrder:
+    """A window partition (with or without shift) as a gather index and its inverse; None for the identity."""
+
+    order: torch.Tensor | None  # (Hp*Wp,)
+    inverse: torch.Tensor | None  # (Hp*Wp,)
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How a stage partitions an (H, W) feature map; built once per size and device, shared by its blocks."""
+
+    window: tuple[int, int]
+    shift: tuple[int, int]  # used by the odd (shifted) blocks; (0, 0) when the map fits a window
+    padded: tuple[int, int]  # (Hp, Wp), multiples of window
+    rel_index: torch.Tensor  # (N*N,) long index into the bias table
+    shift_mask: torch.Tensor | None  # (nW, N, N) of 0 / -100, None when shift == (0, 0)
+    regular: TokenOrder  # partition for the regular blocks
+    shifted: TokenOrder | None  # roll + partition for the shifted blocks, None when shift == (0, 0)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """``x[:, order]`` along dim 1 for a permutation; its backward is the inverse gather (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+def _permute_tokens(x: torch.Tensor, order: torch.Tensor | None, inverse: torch.Tensor | None) -> torch.Tensor:
+    return x if order is None else _PermuteTokens.apply(x, order, inverse)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layers
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability ``p`` (training only)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """``Linear(C, hidden) -> GELU -> Dropout -> Linear(hidden, C) -> Dropout`` (timm names fc1 / fc2)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative-position bias.
+
+    ``fused_attn=True`` runs ``F.scaled_dot_product_attention`` with the bias (+ shift mask) as a float mask;
+    ``False`` runs the eager reference (explicit softmax). Both compute softmax(q k^T / sqrt(d) + bias + mask) v.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.window_size = window_size
+        self.fused_attn = fused_attn
+        wh, ww = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def relative_bias(self, rel_index: torch.Tensor) -> torch.Tensor:
+        """Gather the bias ``(nH, N, N)`` for a flattened ``(N*N,)`` index."""
+        N = math.isqrt(rel_index.numel())
+        table = self.relative_position_bias_table.t().contiguous()  # nH, (2Wh-1)(2Ww-1)
+        return table.index_select(1, rel_index).view(self.num_heads, N, N)  # nH, N, N
+
+    def forward(self, x: torch.Tensor, rel_index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B*nW, N, C)``, ``rel_index (N*N,)``, ``mask (nW, N, N)`` or None -> ``(B*nW, N, C)``.
+
+        Windows are ordered batch-major (as :func:`window_partition` returns them), so a mask row ``w`` applies
+        to windows ``b * nW + w``.
+
+        On CPU, PyTorch has no fused SDPA kernel that returns a gradient for a float mask (it would run its
+        unfused math fallback); when the bias needs a gradient there, the eager formulation (the same math,
+        without the fallback's extra passes) runs even with ``fused_attn=True``.
+        """
+        BnW, N, C = x.shape
+        nH, d = self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(BnW, N, 3, nH, d).permute(2, 0, 3, 1, 4)  # 3, B*nW, nH, N, d
+        q, k, v = qkv.unbind(0)
+        bias = self.relative_bias(rel_index).unsqueeze(0)  # 1, nH, N, N
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1)  # nW, nH, N, N: bias and shift mask combined once per forward
+        if self.fused_attn and not (bias.requires_grad and x.device.type == "cpu"):
+            if mask is not None:  # SDPA kernels take a 4-D mask: one (nH, N, N) slice per window of each image
+                bias = bias.expand(BnW // bias.shape[0], -1, -1, -1, -1).reshape(BnW, nH, N, N)
+            drop = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW, nH, N, N
+            attn = (attn.view(-1, bias.shape[0], nH, N, N) + bias).view(BnW, nH, N, N)
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v  # B*nW, nH, N, d
+        out = out.transpose(1, 2).reshape(BnW, N, C)  # B*nW, N, C
+        return self.proj_drop(self.proj(out))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm Swin block: ``x + DropPath(W-MSA(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``.
+
+    ``shifted=True`` makes it an SW-MSA block (cyclic shift by the stage geometry's shift).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: tuple[int, int],
+        shifted: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, fused_attn)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path2 = DropPath(drop_path)
+
+    def _attention(self, x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
+        B, H, W, C = x.shape
+        Hp, Wp = geo.padded
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # B, Hp, Wp, C (zeros after norm1, as Swin-Det)
+        shifted = self.shifted and geo.shifted is not None
+        perm = geo.shifted if shifted else geo.regular
+        N = geo.window[0] * geo.window[1]
+        windows = _permute_tokens(x.reshape(B, Hp * Wp, C), perm.order, perm.inverse)  # B, nW*N, C (roll+partition)
+        windows = self.attn(windows.view(-1, N, C), geo.rel_index, geo.shift_mask if shifted else None)
+        x = _permute_tokens(windows.view(B, Hp * Wp, C), perm.inverse, perm.order).view(B, Hp, Wp, C)
+        if (Hp, Wp) != (H, W):
+            x = x[:, :H, :W]
+        return x
+
+    def forward(self, x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
+        """``x (B, H, W, C)`` -> ``(B, H, W, C)``."""
+        x = x + self.drop_path1(self._attention(self.norm1(x), geo))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class ConvEmbed(nn.Module):
+    """CvT convolutional embedding: ``Conv2d(in, out, k, s, p)`` then LayerNorm over the output channels.
+
+    Input ``(B, C, H, W)`` (stem) or ``(B, H, W, C)`` with ``channels_last_input=True`` (between stages);
+    output ``(B, H', W', out)`` with ``H' = floor((H + 2p - k) / s) + 1``.
+    """
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int, padding: int, channels_last_input: bool):
+        super().__init__()
+        self.channels_last_input = channels_last_input
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_input:
+            x = x.permute(0, 3, 1, 2)  # B, C, H, W (a channels_last view; conv keeps that memory format)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, H', W', out
+
+
+class PatchEmbed(nn.Module):
+    """Swin stem: ``Conv2d(in, C, 4, stride 4)`` + LayerNorm; ``(B, 3, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``.
+
+    Inputs not divisible by the patch size are zero-padded at the bottom/right.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        H, W = x.shape[-2:]
+        if H % p or W % p:
+            x = F.pad(x, (0, -W % p, 0, -H % p))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, H/4, W/4, C
+
+
+class PatchMerging(nn.Module):
+    """Swin downsampling: concatenate 2x2 neighbours (4C), LayerNorm, ``Linear(4C, 2C, bias=False)``.
+
+    ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``; odd sizes are zero-padded.
+    """
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        # channel order x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2] as in Swin
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(x))  # B, H/2, W/2, 2C
+
+
+def _token_order(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device) -> TokenOrder:
+    order = window_order(padded, window, shift, device)
+    if torch.equal(order, torch.arange(order.numel(), device=device)):
+        return TokenOrder(None, None)  # one window per row band and no shift: nothing to move
+    return TokenOrder(order, torch.argsort(order))
+
+
+class SwinStage(nn.Module):
+    """Optional downsampling, then ``depth`` blocks alternating regular and shifted windows.
+
+    Holds the per-(H, W, device) window geometry cache shared by its blocks.
+    """
+
+    _CACHE_SIZE = 16
+
+    def __init__(self, downsample: nn.Module, blocks: list[SwinBlock], window_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.window_size = window_size
+        self.grad_checkpointing = False
+        self._geometry_cache: dict[tuple, WindowGeometry] = {}
+
+    def geometry(self, H: int, W: int, device: torch.device) -> WindowGeometry:
+        """Window, shift, padding, bias index and shift mask for an (H, W) map (cached)."""
+        key = (H, W, device)
+        geo = self._geometry_cache.get(key)
+        if geo is None:
+            window = (min(self.window_size[0], H), min(self.window_size[1], W))
+            shift = tuple(0 if size <= w else w // 2 for size, w in zip((H, W), window))
+            padded = (-(-H // window[0]) * window[0], -(-W // window[1]) * window[1])
+            rel_index = relative_position_index(window, self.window_size, device).flatten()
+            mask = shift_attention_mask(padded, window, shift, device) if any(shift) else None
+            shifted = _token_order(padded, window, shift, device) if any(shift) else None
+            regular = _token_order(padded, window, (0, 0), device)
+            geo = WindowGeometry(window, shift, padded, rel_index, mask, regular, shifted)
+            if len(self._geometry_cache) >= self._CACHE_SIZE:
+                self._geometry_cache.clear()
+            self._geometry_cache[key] = geo
+        return geo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C_in)`` -> ``(B, H', W', C)`` (H' = H / 2 after a downsampling layer)."""
+        x = self.downsample(x)
+        geo = self.geometry(x.shape[1], x.shape[2], x.device)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, geo, use_reentrant=False)
+            else:
+                x = block(x, geo)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model
+
+
+class CoSwin(BundleMixin, nn.Module):
+    """CoSwin / Swin image tower returning the pooled feature ``(B, 8C)`` (or ``2**(S-1) C`` for S stages).
+
+    Args:
+        img_size: nominal input size; only sets ``default_preprocess`` (any input size runs).
+        in_chans: input channels.
+        embed_dim: C, channels of stage 1; stage i has ``C * 2**i``.
+        depths: blocks per stage.
+        num_heads: heads per stage.
+        window_size: attention window (7 at 224, 12 at 384); the bias tables are sized for it.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: bias on the qkv projection.
+        drop_rate: dropout after the embedding, in the MLP and after the attention projection.
+        attn_drop_rate: dropout on the attention probabilities.
+        drop_path_rate: stochastic depth, linearly increasing from 0 to this over all blocks.
+        embed: "conv" (CvT convolutional embeddings, CoSwin) or "patch" (Swin patch embed + patch merging).
+        fused_attn: SDPA (True) or the eager reference attention (False); switchable later via ``fused_attn``.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        in_chans: int = 3,
+        embed_dim: int = 96,
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int | tuple[int, int] = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        embed: Literal["conv", "patch"] = "conv",
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if embed not in ("conv", "patch"):
+            raise ValueError(f"embed must be 'conv' or 'patch', got {embed!r}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+        self.img_size = _pair(img_size)
+        self.embed = embed
+        self.window_size = _pair(window_size)
+        self.num_stages = len(depths)
+        dims = [embed_dim * 2**i for i in range(self.num_stages)]
+        self.num_features = dims[-1]
+
+        if embed == "conv":
+            self.patch_embed: nn.Module = ConvEmbed(in_chans, embed_dim, 7, 4, 2, channels_last_input=False)
+        else:
+            self.patch_embed = PatchEmbed(in_chans, embed_dim, 4)
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear 0 -> drop_path_rate
+        stages = []
+        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+            if i == 0:
+                downsample: nn.Module = nn.Identity()
+            elif embed == "conv":
+                downsample = ConvEmbed(dims[i - 1], dims[i], 3, 2, 1, channels_last_input=True)
+            else:
+                downsample = PatchMerging(dims[i - 1], dims[i])
+            first = sum(depths[:i])
+            blocks = [
+                SwinBlock(
+                    dims[i], heads, self.window_size, shifted=j % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[first + j], fused_attn=fused_attn,
+                )
+                for j in range(depth)
+            ]
+            stages.append(SwinStage(downsample, blocks, self.window_size))
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2**i, module=f"layers.{i}") for i in range(self.num_stages)
+        ]
+        self.default_preprocess = dict(
+            input_size=[in_chans, *self.img_size],
+            mean=list(IMAGENET_MEAN),
+            std=list(IMAGENET_STD),
+            interpolation="bicubic",
+            crop_pct=0.875 if max(self.img_size) < 384 else 1.0,  # timm / Swin: centre crop at 224, none at 384
+        )
+        self._fused_attn = fused_attn
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, WindowAttention):
+            nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
+
+    # -- switches ----------------------------------------------------------------------------------------------
+
+    @property
+    def fused_attn(self) -> bool:
+        """True: attention through ``F.scaled_dot_product_attention``; False: eager reference. Settable."""
+        return self._fused_attn
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        self.set_fused_attn(value)
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        self._fused_attn = bool(enable)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.fused_attn = bool(enable)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the relative-position bias tables (trained without weight decay, as Swin)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    # -- forwards ----------------------------------------------------------------------------------------------
+
+    def _stages(self, x: torch.Tensor):
+        if x.ndim != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        x = self.pos_drop(self.patch_embed(x))  # B, H/4, W/4, C
+        for stage in self.layers:
+            x = stage(x)  # B, H_i, W_i, C_i
+            yield x
+
+    def forward_intermediates(self, x: torch.Tensor, norm: bool = False) -> list[torch.Tensor]:
+        """Stage outputs as NCHW maps: ``(B, C, H/4, W/4)``, ``(B, 2C, H/8, W/8)``, ``(B, 4C, ...)``, ``(B, 8C, ...)``.
+
+        The maps are the raw outputs of each stage's last block (no per-stage norm, as timm's
+        ``forward_intermediates(norm=False)``); ``norm=True`` applies the final LayerNorm to the last map.
+        Sizes follow the embedding arithmetic (e.g. 224 -> 56/28/14/7; 200x300 -> 50x75, 25x38, 13x19, 7x10).
+        """
+        maps = list(self._stages(x))
+        if norm:
+            maps[-1] = self.norm(maps[-1])
+        return [m.permute(0, 3, 1, 2) for m in maps]  # B, C_i, H_i, W_i
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> pooled ``(B, num_features)``: final LayerNorm, then the mean over all tokens."""
+        for x in self._stages(x):
+            pass
+        return self.norm(x).mean(dim=(1, 2))  # B, 8C
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same as :meth:`forward_features`."""
+        return self.forward_features(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# named models (SPEC §1.2); every shape argument can be overridden
+
+
+def _create(defaults: dict, overrides: dict) -> CoSwin:
+    return CoSwin(**{**defaults, **overrides})
+
+
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2)
+_HUGE = dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), drop_path_rate=0.2)
+
+
+@register_model
+def coswin_test(**overrides) -> CoSwin:
+    """Tiny CoSwin for tests and CPU runs: C=32, depths 1-1-2-1, heads 1-2-4-8, window 7, nominal 56 px."""
+    return _create(
+        dict(img_size=56, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0), overrides
+    )
+
+
+@register_model
+def coswin_tiny(**overrides) -> CoSwin:
+    """CoSwin-T: C=96, 2-2-6-2, heads 3-6-12-24 (~29.5M)."""
+    return _create(_TINY, overrides)
+
+
+@register_model
+def coswin_small(**overrides) -> CoSwin:
+    """CoSwin-S: C=96, 2-2-18-2, heads 3-6-12-24."""
+    return _create(_SMALL, overrides)
+
+
+@register_model
+def coswin_base(**overrides) -> CoSwin:
+    """CoSwin-B: C=128, 2-2-18-2, heads 4-8-16-32 (~90M)."""
+    return _create(_BASE, overrides)
+
+
+@register_model
+def coswin_large(**overrides) -> CoSwin:
+    """CoSwin-L: C=192, 2-2-18-2, heads 6-12-24-48 (~203M)."""
+    return _create(_LARGE, overrides)
+
+
+@register_model
+def coswin_huge(**overrides) -> CoSwin:
+    """CoSwin-H proposal (the paper does not give its shape; SPEC §1.2): C=352, 2-2-18-2, heads 11-22-44-88."""
+    return _create(_HUGE, overrides)
+
+
+@register_model
+def swin_tiny(**overrides) -> CoSwin:
+    """Swin-T (patch embed + patch merging), loads timm / Microsoft swin_tiny checkpoints."""
+    return _create({**_TINY, "embed": "patch"}, overrides)
+
+
+@register_model
+def swin_small(**overrides) -> CoSwin:
+    """Swin-S (patch embed + patch merging)."""
+    return _create({**_SMALL, "embed": "patch"}, overrides)
+
+
+@register_model
+def swin_base(**overrides) -> CoSwin:
+    """Swin-B (patch embed + patch merging)."""
+    return _create({**_BASE, "embed": "patch"}, overrides)
+
+
+@register_model
+def swin_large(**overrides) -> CoSwin:
+    """Swin-L (patch embed + patch merging)."""
+    return _create({**_LARGE, "embed": "patch"}, overrides)
