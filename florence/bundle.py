@@ -119,7 +119,13 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
     for required in REQUIRED_FILES:
         if required not in files:
             raise BundleError(f"{directory / required}: not listed in the manifest")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(files) - {"manifest.json"})
+    if unlisted:
+        raise BundleError(f"{directory / unlisted[0]}: present in the bundle but not in its manifest")
     for rel, digest in files.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise BundleError(f"{manifest_path}: entry {rel!r} points outside the bundle")
         path = directory / rel
         if not path.is_file():
             raise BundleError(f"{path}: listed in the manifest but missing")

@@ -97,6 +97,18 @@ def test_corrupt_or_incomplete_bundles_are_refused(dual, tmp_path):
     with pytest.raises(BundleError, match="refuses to guess"):
         florence.from_pretrained(good)
 
+    dual.save_pretrained(good)
+    (good / "tokenizer" / "added_tokens.json").write_text("{}")
+    with pytest.raises(BundleError, match="added_tokens.json.*not in its manifest"):
+        florence.from_pretrained(good)
+
+    dual.save_pretrained(good)
+    manifest = json.loads((good / "manifest.json").read_text())
+    manifest["files"]["../outside.json"] = "0" * 64
+    (good / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        florence.from_pretrained(good)
+
     (good / "manifest.json").unlink()
     with pytest.raises(BundleError, match="manifest"):
         florence.from_pretrained(good)
