@@ -1,21 +1,24 @@
 """Frozen image features for the evaluation protocols, with an on-disk cache.
 
 ``extract`` runs the frozen image tower over a data loader and returns the pooled ``8C`` features before the
-projection (``model.image_encoder.forward_features``; the linear-probe input, SPEC §8.2). ``project`` turns them into
-the L2-normalised joint-space embeddings (``model.encode_image`` = normalise(image_projection(pooled)); zero-shot,
-retrieval), so one pass over the images serves every protocol. ``cached_features`` keeps the arrays in
+projection (``model.image_encoder.forward_features``, or ``model.forward_features`` for an image-tower bundle; the
+linear-probe input, SPEC §8.2). ``project`` turns them into the L2-normalised joint-space embeddings
+(``model.encode_image`` = normalise(image_projection(pooled)); zero-shot, retrieval; dual encoders only, see
+``require_dual_encoder``), so one pass over the images serves every protocol. ``cached_features`` keeps the arrays in
 ``<cache_dir>/pooled-<model hash>-<transform hash>-<split>-<precision>.npz``.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from florence.engine.precision import build_precision
+
 
 def transform_key(preprocess: dict, extra: str = "") -> str:
     """A short hash naming the evaluation transform (the preprocessing dict, plus anything else that changes it)."""
@@ -23,13 +26,14 @@ def transform_key(preprocess: dict, extra: str = "") -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def autocast_context(device: torch.device | str, precision: str):
-    """``torch.autocast`` for ``precision="bf16"``, a no-op for ``"fp32"``."""
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+def require_dual_encoder(model: torch.nn.Module, task: str) -> None:
+    """``ValueError`` unless ``model`` has a text tower and a projection (an image-tower bundle can only be probed)."""
+    missing = [name for name in ("encode_text", "tokenize", "image_projection") if not hasattr(model, name)]
+    if missing:
+        raise ValueError(
+            f"{task} needs a dual encoder (image + text towers, e.g. a unicl_* bundle); this "
+            f"{type(model).__name__} is an image tower only (no {', '.join(missing)}). Use linear-probe or few-shot."
+        )
 
 
 @torch.no_grad()
@@ -42,15 +46,20 @@ def extract(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features of every batch of ``loader`` (batches of ``(images (B,3,H,W), targets)``).
 
+    ``model`` is a dual encoder (its ``image_encoder`` runs) or an image tower; ``precision`` is fp32 | bf16 (autocast
+    through ``florence.engine.precision``).
+
     Returns:
         ``(features (N, 8C) float32, targets (N,) or (N, C))`` as numpy arrays, in loader order.
     """
     model.eval()
+    tower = getattr(model, "image_encoder", model)  # a dual encoder's image tower, or an image-tower bundle itself
+    autocast = build_precision(precision, torch.device(device)).autocast
     features, targets = [], []
     for images, target in loader:
         images = images.to(device)
-        with autocast_context(device, precision):
-            out = model.image_encoder.forward_features(images)  # B, 8C
+        with autocast():
+            out = tower.forward_features(images)  # B, 8C
         features.append(out.float().cpu().numpy())
         targets.append(torch.as_tensor(target).cpu().numpy())
         if progress is not None:
@@ -63,6 +72,7 @@ def extract(
 @torch.no_grad()
 def project(model: torch.nn.Module, pooled: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """``(N, 8C)`` pooled features -> ``(N, D)`` unit-norm image embeddings, exactly as ``model.encode_image``."""
+    require_dual_encoder(model, "projecting image features into the joint space (zero-shot, retrieval)")
     weight_dtype = model.image_projection.weight.dtype
     device = model.image_projection.weight.device
     chunks = []

@@ -6,13 +6,10 @@
   ``clip_benchmark/datasets/en_zeroshot_classification_templates.json`` @ 48de38c (their ``{c}`` written as ``{}``);
   counts cifar10 18, cifar100 18, food101 1, sun397 2, cars 8, fgvc_aircraft 2, voc2007 1, dtd 8, pets 1,
   caltech101 34, flowers102 1.
-- a user file: ``load_template_file(path)`` reads a JSON list of strings or a text file with one template a line;
-  ``{}`` or ``{c}`` marks the class name.
+- a user file: ``florence.data.templates.load_templates(path)`` (the one template-file reader, shared with training)
+  reads a JSON list of strings or a text file with one template a line; ``{}`` or ``{c}`` marks the class name.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 DATASET_TEMPLATES: dict[str, tuple[str, ...]] = {
     "cifar10": (
@@ -148,21 +145,3 @@ def get_template_set(name: str) -> tuple[str, ...]:
     if name not in DATASET_TEMPLATES:
         raise KeyError(f"unknown template set {name!r}; known: imagenet, {', '.join(sorted(DATASET_TEMPLATES))}")
     return DATASET_TEMPLATES[name]
-
-
-def load_template_file(path: str | Path) -> tuple[str, ...]:
-    """Templates from a user file: a JSON list of strings (``.json``) or one template a line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: template file not found")
-    if path.suffix == ".json":
-        items = json.loads(path.read_text())
-        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-            raise ValueError(f"{path}: expected a JSON list of template strings")
-    else:
-        items = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    templates = tuple(t.replace("{c}", "{}") for t in items)
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(f"{path}: every template needs a {{}} (or {{c}}) class-name placeholder; bad: {bad[:3]}")
-    return templates

@@ -147,6 +147,9 @@ def recall_at_k(
 def encode_captions(model, captions: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu",
                     progress=None) -> torch.Tensor:
     """``(N_txt, D)`` unit-norm text embeddings of ``captions`` (``model.tokenize`` + ``model.encode_text``)."""
+    from florence.adapters.features import require_dual_encoder
+
+    require_dual_encoder(model, "image-text retrieval")
     chunks = []
     for start in range(0, len(captions), batch_size):
         batch = list(captions[start:start + batch_size])

@@ -1,14 +1,15 @@
 """Zero-shot classification (SPEC §8.1, §9.4): a classifier from class names x prompt templates, and its metrics.
 
-The classifier is the CLIP prompt ensemble: format every template with a class name, encode each prompt, L2-normalise
-each text embedding, average per class, re-normalise. Logits are ``image_embeds @ classifier.T`` (the scale does not
-change any ranking metric). The metrics are pure functions of scores and labels:
+The classifier is the CLIP prompt ensemble: format every template with a class name
+(``florence.data.templates.format_prompt``: the cleaning training uses, the first name of a synonym list), encode each
+prompt, L2-normalise each text embedding, average per class, re-normalise. Logits are ``image_embeds @ classifier.T``
+(the scale does not change any ranking metric). The metrics are pure functions of scores and labels:
 
 - ``classification_metrics``: top-1, top-5 and mean-per-class accuracy, as fractions in [0, 1];
 - ``voc11_map``: the VOC2007 11-point interpolated mean average precision for multi-label targets.
 
 ``template_hash`` (SHA-256 of the template strings and class names) goes into every result, and
-``cached_class_embeddings`` keeps classifiers on disk keyed by (model hash, template/class hash).
+``cached_class_embeddings`` keeps classifiers on disk keyed by (model hash, template/class hash, precision).
 """
 from __future__ import annotations
 
@@ -21,24 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from florence.adapters.features import require_dual_encoder
+from florence.data.templates import ClassName, format_prompt
+
 TextEncoder = Callable[[list[str]], torch.Tensor]  # prompts -> (N, D) text embeddings
 
 
-def format_prompt(template: str, classname: str) -> str:
-    """``template`` with its ``{}`` (or ``{c}``) placeholder replaced by ``classname``."""
-    return template.replace("{c}", "{}").replace("{}", classname)
-
-
-def template_hash(templates: Sequence[str], classnames: Sequence[str]) -> str:
+def template_hash(templates: Sequence[str], classnames: Sequence[ClassName]) -> str:
     """SHA-256 of the template set and the class names (order matters: it fixes the label order)."""
-    payload = json.dumps({"templates": list(templates), "classnames": list(classnames)}, ensure_ascii=False)
+    names = [c if isinstance(c, str) else list(c) for c in classnames]
+    payload = json.dumps({"templates": list(templates), "classnames": names}, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 @torch.no_grad()
 def build_zeroshot_classifier(
     encode_text: TextEncoder,
-    classnames: Sequence[str],
+    classnames: Sequence[ClassName],
     templates: Sequence[str],
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
@@ -47,8 +47,8 @@ def build_zeroshot_classifier(
 
     Args:
         encode_text: maps a list of prompts to their ``(N, D)`` embeddings (normalised or not).
-        classnames: ``C`` class names, in label order.
-        templates: ``T`` templates with a ``{}`` placeholder.
+        classnames: ``C`` class names (or synonym lists: the first name is used), in label order.
+        templates: ``T`` templates with a ``{}`` (or ``{c}``) placeholder.
         batch_size: prompts per ``encode_text`` call (prompts of several classes share a batch).
         progress: optional callback with the number of prompts just encoded.
 
@@ -70,6 +70,7 @@ def build_zeroshot_classifier(
 
 def model_text_encoder(model, device: torch.device | str = "cpu") -> TextEncoder:
     """A ``TextEncoder`` over a ``UniCLModel`` (``model.tokenize`` then ``model.encode_text``)."""
+    require_dual_encoder(model, "zero-shot classification")
 
     def encode(prompts: list[str]) -> torch.Tensor:
         tokens = model.tokenize(prompts)
@@ -81,25 +82,29 @@ def model_text_encoder(model, device: torch.device | str = "cpu") -> TextEncoder
 def cached_class_embeddings(
     cache_dir: str | Path | None,
     model_hash: str,
-    classnames: Sequence[str],
+    classnames: Sequence[ClassName],
     templates: Sequence[str],
+    precision: str,
     build: Callable[[], torch.Tensor],
 ) -> tuple[torch.Tensor, bool]:
-    """Class embeddings from ``cache_dir/zeroshot-<model>-<templates>.pt`` when present, else ``build()`` and store.
+    """Class embeddings from ``cache_dir/zeroshot-<model>-<templates>-<precision>.pt`` when present, else ``build()``
+    and store.
 
-    The file holds a plain tensor and is read with ``weights_only=True``. Returns ``(embeddings (C, D), from_cache)``.
+    The file holds a plain tensor and is read with ``weights_only=True``. Returns ``(embeddings (C, D) float32 on the
+    CPU, from_cache)`` whichever device ``build()`` ran on.
     """
     if cache_dir is None:
-        return build(), False
-    path = Path(cache_dir) / f"zeroshot-{model_hash[:16]}-{template_hash(templates, classnames)[:16]}.pt"
+        return build().float().cpu(), False
+    key = f"{model_hash[:16]}-{template_hash(templates, classnames)[:16]}-{precision}"
+    path = Path(cache_dir) / f"zeroshot-{key}.pt"
     if path.is_file():
         embeddings = torch.load(path, map_location="cpu", weights_only=True)
         if embeddings.shape[0] == len(classnames):
             return embeddings, True
-    embeddings = build()
+    embeddings = build().float().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(embeddings.cpu(), tmp)
+    torch.save(embeddings, tmp)
     tmp.replace(path)
     return embeddings, False
 

@@ -197,7 +197,8 @@ def _resolve_tokenizer(tokenizer, text_config: dict[str, Any]):
     return tokenizer
 
 
-def _check_tokenizer(tokenizer, tower: TextTower) -> None:
+def check_tokenizer(tokenizer, tower: TextTower) -> None:
+    """Raise ValueError if ``tokenizer`` has more tokens than the tower's vocabulary or a different pad id."""
     if len(tokenizer) > tower.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
                          f"{tower.vocab_size}")
@@ -235,7 +236,7 @@ def build_unicl(config: dict[str, Any], tokenizer=None) -> UniCLModel:
 
     tokenizer = _resolve_tokenizer(tokenizer, text_cfg)
     if tokenizer is not None:
-        _check_tokenizer(tokenizer, text_encoder)
+        check_tokenizer(tokenizer, text_encoder)
 
     preprocess = dict(config.get("preprocess") or image_encoder.default_preprocess)
     stored = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("text", "preprocess")}

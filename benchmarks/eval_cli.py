@@ -13,14 +13,14 @@ Each run writes ``<output>/<task>_<dataset>.json`` with:
   names), ``seeds``, ``precision``, ``versions`` (python, torch, ... ), ``args`` and protocol details;
 
 plus a confusion-matrix PNG (classification) or a retrieval PNG next to it. Features and class embeddings are cached
-under ``<output>/cache`` (``--cache-dir``), keyed by model hash, transform and split.
+under ``<output>/cache`` (``--cache-dir``): features keyed by model hash, transform, split (with the hash of its data
+manifest, so another data root or caption file is never served stale features) and precision; class embeddings by
+model hash, templates + class names and precision.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,24 +35,17 @@ from florence.adapters import features as feats
 from florence.adapters import linear_probe as lp
 from florence.adapters import retrieval as rt
 from florence.adapters import zeroshot as zs
-from florence.adapters.prompt_templates import get_template_set, load_template_file
+from florence.adapters.prompt_templates import get_template_set
 from florence.benchmarks import datasets as dsets
 from florence.benchmarks import plots
+from florence.data.templates import load_templates
+from florence.engine.metrics import library_versions
+from florence.engine.precision import build_precision
 
 TASKS = ("zeroshot", "linear-probe", "few-shot", "retrieval", "retrieval-finetune")
 ZEROSHOT_PROTOCOL_ID = "clip-prompt-ensemble-v1"
 RETRIEVAL_PROTOCOL_ID = "clip-benchmark-recall-any-caption-v1"
-_VERSIONED = ("torch", "torchvision", "timm", "transformers", "tokenizers", "scikit-learn", "numpy", "florence-vision")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in _VERSIONED:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+DUAL_ENCODER_TASKS = ("zeroshot", "retrieval", "retrieval-finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +107,15 @@ class _Context:
 
         self.transform = build_transform(dict(model.preprocess), train=False)
         self.transform_key = feats.transform_key(dict(model.preprocess), extra="eval")
+        self.autocast = build_precision(args.precision, self.device).autocast
 
     def loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.args.batch_size, shuffle=False, num_workers=self.args.workers)
 
-    def features(self, split: dsets.EvalSplit, split_key: str) -> tuple[np.ndarray, np.ndarray]:
-        """Cached pooled ``(features (N, 8C), targets)`` of a split."""
+    def features(self, split: dsets.EvalSplit, split_key: str, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Cached pooled ``(features (N, 8C), targets)`` of a split; the cache key is ``split_key`` plus the hash of
+        the split's data manifest (``dsets.data_manifest``)."""
+        split_key = f"{split_key}-{manifest['sha256'][:16]}"
 
         def compute():
             with tqdm(total=len(split.dataset), desc=f"images {split_key}", unit="img", disable=self.args.quiet) as bar:
@@ -153,7 +149,7 @@ def _header(task: str, protocol: str, ctx: _Context, spec_name: str, metric: str
 def _templates(args: argparse.Namespace, default_set: str) -> tuple[str, tuple[str, ...]]:
     choice = args.templates or default_set
     if Path(choice).is_file():
-        return str(choice), load_template_file(choice)
+        return str(choice), load_templates(choice)
     return choice, get_template_set(choice)
 
 
@@ -175,18 +171,20 @@ def run_zeroshot(ctx: _Context, spec: dsets.DatasetSpec, root: Path) -> tuple[di
 
     def build():
         with tqdm(total=len(classnames) * len(templates), desc="class prompts", unit="prompt",
-                  disable=args.quiet) as bar, torch.no_grad(), feats.autocast_context(ctx.device, args.precision):
+                  disable=args.quiet) as bar, torch.no_grad(), ctx.autocast():
             return zs.build_zeroshot_classifier(encoder, classnames, templates, args.batch_size, bar.update)
 
-    classifier, from_cache = zs.cached_class_embeddings(ctx.cache_dir, ctx.model_hash, classnames, templates, build)
-    pooled, targets = ctx.features(test, f"{spec.name}-test")
+    classifier, from_cache = zs.cached_class_embeddings(ctx.cache_dir, ctx.model_hash, classnames, templates,
+                                                        args.precision, build)
+    manifest = dsets.data_manifest(test.files)
+    pooled, targets = ctx.features(test, f"{spec.name}-test", manifest)
     image_embeds = feats.project(ctx.model, pooled)  # N, D
     scores = image_embeds @ classifier.numpy().T  # N, C
     metrics = lp.evaluate_scores(scores, targets)
     result = _header("zeroshot", ZEROSHOT_PROTOCOL_ID, ctx, spec.name, spec.metric)
     result.update({
         "metrics": metrics,
-        "data": {"root": str(root), "test": dsets.data_manifest(test.files), "num_test": int(len(targets))},
+        "data": {"root": str(root), "test": manifest, "num_test": int(len(targets))},
         "templates": {"set": set_name, "count": len(templates), "sha256": zs.template_hash(templates, classnames)},
         "classnames": list(classnames),
         "class_embeddings_from_cache": from_cache,
@@ -203,20 +201,20 @@ def _probe_splits(ctx: _Context, spec: dsets.DatasetSpec, root: Path):
         keep = dsets.stratified_subset(train.targets, args.train_limit, seed=args.split_seed)
         train = _subset(train, keep)
     limit_key = f"-limit{args.train_limit}-seed{args.split_seed}" if args.train_limit is not None else ""
-    train_x, train_y = ctx.features(train, f"{spec.name}-train{limit_key}")
+    manifests = {"train": dsets.data_manifest(train.files)}
+    train_x, train_y = ctx.features(train, f"{spec.name}-train{limit_key}", manifests["train"])
     if spec.has_val(root):
         val = spec.load(root, "val", ctx.transform)
-        val_x, val_y = ctx.features(val, f"{spec.name}-val")
+        manifests["val"] = dsets.data_manifest(val.files)
+        val_x, val_y = ctx.features(val, f"{spec.name}-val", manifests["val"])
         info["val_source"] = "official"
-        manifests = {"train": dsets.data_manifest(train.files), "val": dsets.data_manifest(val.files)}
     else:
         fit_idx, val_idx = dsets.carve_validation(train_y, args.val_fraction, seed=args.split_seed)
         val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[fit_idx], train_y[fit_idx]
         info["val_source"] = f"carved from train: stratified fraction {args.val_fraction}, seed {args.split_seed}"
-        manifests = {"train": dsets.data_manifest(train.files)}
     test = spec.load(root, "test", ctx.transform)
-    test_x, test_y = ctx.features(test, f"{spec.name}-test")
     manifests["test"] = dsets.data_manifest(test.files)
+    test_x, test_y = ctx.features(test, f"{spec.name}-test", manifests["test"])
     info.update({"num_train": int(len(train_y)), "num_val": int(len(val_y)), "num_test": int(len(test_y)),
                  "feature_dim": int(train_x.shape[1])})
     return (train_x, train_y), (val_x, val_y), (test_x, test_y), test.classnames, info, manifests
@@ -295,10 +293,10 @@ def run_retrieval(ctx: _Context, name: str, root: Path) -> tuple[dict[str, Any],
         raise dsets.DatasetNotFound(f"{missing[0]}: image listed in {path} is missing ({len(missing)} missing)")
     split = dsets.EvalSplit(_ImageFiles(pairs.image_paths, ctx.transform), np.arange(len(pairs.image_paths)), [],
                             [path, *pairs.image_paths])
-    pooled, _ = ctx.features(split, f"retrieval-{name}-{args.split}")
+    manifest = dsets.data_manifest(split.files)
+    pooled, _ = ctx.features(split, f"retrieval-{name}-{args.split}", manifest)
     image_embeds = feats.project(ctx.model, pooled)  # N_img, D
-    with tqdm(total=len(pairs.captions), desc="captions", unit="txt", disable=args.quiet) as bar, \
-            feats.autocast_context(ctx.device, args.precision):
+    with tqdm(total=len(pairs.captions), desc="captions", unit="txt", disable=args.quiet) as bar, ctx.autocast():
         text_embeds = rt.encode_captions(ctx.model, pairs.captions, args.batch_size, ctx.device, bar.update).numpy()
     similarity = image_embeds @ text_embeds.T  # N_img, N_txt
     result = _header("retrieval", RETRIEVAL_PROTOCOL_ID, ctx, name, "R@K")
@@ -306,7 +304,7 @@ def run_retrieval(ctx: _Context, name: str, root: Path) -> tuple[dict[str, Any],
         "metrics": rt.recall_at_k(similarity, pairs.text_to_image),
         "data": {"root": str(root), "captions": str(path), "split": args.split,
                  "num_images": len(pairs.image_paths), "num_captions": len(pairs.captions),
-                 "test": dsets.data_manifest([path, *pairs.image_paths])},
+                 "test": manifest},
     })
     return result, {"similarity": similarity, "pairs": pairs}
 
@@ -388,6 +386,8 @@ def evaluate(args: argparse.Namespace, model=None, model_hash: str | None = None
         model = from_pretrained(args.model, map_location=args.device)
         model_hash = bundle_sha256(args.model)
     model.eval()
+    if args.task in DUAL_ENCODER_TASKS:
+        feats.require_dual_encoder(model, f"florence eval {args.task}")
     ctx = _Context(model, model_hash or "unhashed", str(args.model), args)
     if args.task in ("retrieval", "retrieval-finetune"):
         if args.data_root is None:
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path, result = evaluate(args)
-    except (dsets.DatasetNotFound, FileNotFoundError, KeyError, ValueError) as err:
+    except (dsets.DatasetNotFound, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"florence eval: {err}", file=sys.stderr)
         return 2
     shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["metrics"].items())

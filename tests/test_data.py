@@ -33,6 +33,7 @@ from florence.data import (
     seeded_rngs,
 )
 from florence.data.sources import CAPTION_LABEL_BIT, FASHION_MNIST_DIR
+from florence.data.templates import format_prompt
 
 PREPROCESS = dict(input_size=[3, 32, 32], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bicubic",
                   crop_pct=1.0)
@@ -105,6 +106,33 @@ def test_class_names_and_prompts(tmp_path):
     (tmp_path / "bad.txt").write_text("fine {}\nno placeholder\n")
     with pytest.raises(ValueError, match=r"bad.txt:2"):
         load_templates(tmp_path / "bad.txt")
+
+
+def test_format_prompt_cleans_and_takes_the_first_synonym():
+    assert format_prompt("a photo of a {}.", "tench, Tinca tinca") == "a photo of a tench Tinca tinca."
+    assert format_prompt("{c} art", ["rock+roll", "music"]) == "rock roll art"  # first name, deterministic
+    rng = random.Random(0)
+    assert make_prompt(["rock+roll"], ("a {}.",), rng) == format_prompt("a {}.", "rock+roll") == "a rock roll."
+    with pytest.raises(ValueError, match="at least one name"):
+        format_prompt("a {}.", [])
+
+
+def test_template_files_json_and_c_placeholder(tmp_path):
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n\nan {} drawing\n")
+    assert load_templates(tmp_path / "t.txt") == ("a photo of a {}.", "an {} drawing")
+    (tmp_path / "t.json").write_text('["a photo of a {c}.", "an {} drawing"]')
+    assert load_templates(tmp_path / "t.json") == ("a photo of a {}.", "an {} drawing")
+    (tmp_path / "bad.json").write_text('["fine {}", "no placeholder"]')
+    with pytest.raises(ValueError, match=r"bad.json\[1\]"):
+        load_templates(tmp_path / "bad.json")
+    (tmp_path / "obj.json").write_text('{"templates": ["a {}"]}')
+    with pytest.raises(ValueError, match="obj.json: expected a JSON list"):
+        load_templates(tmp_path / "obj.json")
+    (tmp_path / "two.txt").write_text("{} and {c}\n")
+    with pytest.raises(ValueError, match=r"two.txt:1"):
+        load_templates(tmp_path / "two.txt")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_templates(tmp_path / "missing.txt")
 
 
 # --- caption labels ---------------------------------------------------------------------------------------------

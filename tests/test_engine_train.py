@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,26 +70,38 @@ def tiny_config(image_folder: Path, run_dir: Path, **sections) -> dict:
     return cfg
 
 
+def _train_process(config: dict, path: Path, **env) -> subprocess.CompletedProcess:
+    """``python -m florence train CONFIG`` in a fresh process."""
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "florence", "train", str(path)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.slow  # two fresh training processes: 15-25 s on 2 cores
 def test_resume_after_kill_gives_identical_losses(image_folder, tmp_path):
+    """A training process SIGKILLed after step 4 (last checkpoint: step 3) and resumed in a fresh process logs the
+    same per-step losses and ends with the same parameters as an uninterrupted run (1 thread everywhere, so the
+    in-process reference computes exactly like the subprocesses)."""
     import florence
 
-    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full")))
+    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full", num_threads=1)))
     assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(v) for v in full.losses.values())
 
-    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "killed"))
-    first = run(cfg, stop_after_steps=4)  # "killed" after step 4: the last checkpoint is step 3
-    assert first.final_dir is None and sorted(first.losses) == [1, 2, 3, 4]
-    resumed = run(cfg)
-    assert sorted(resumed.losses) == [4, 5, 6]
-    for step in (1, 2, 3, 4):
-        assert first.losses[step] == full.losses[step]
-    for step in (4, 5, 6):
-        assert resumed.losses[step] == full.losses[step], (step, resumed.losses[step], full.losses[step])
-
     run_dir = tmp_path / "killed"
-    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]  # each step once
-    assert all({"step", "loss", "lr"} <= set(r) for r in read_metrics(run_dir))
+    config = tiny_config(image_folder, run_dir, num_threads=1)
+    killed = _train_process(config, tmp_path / "killed.yaml", FLORENCE_KILL_AT_STEP="4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "final").exists()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000003"]
+    assert {r["step"]: r["loss"] for r in read_metrics(run_dir)} == {s: full.losses[s] for s in (1, 2, 3, 4)}
+
+    resumed = _train_process(config, tmp_path / "killed.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # each step once: step 4 was redone
+    assert {r["step"]: r["loss"] for r in records} == full.losses
+    assert all({"step", "loss", "lr"} <= set(r) for r in records)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["batch_size"] == 8
     assert "torch" in json.loads((run_dir / "versions.json").read_text())
@@ -97,6 +110,56 @@ def test_resume_after_kill_gives_identical_losses(image_folder, tmp_path):
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
     assert b.tokenize(["a photo of a circle."])["input_ids"].shape == (1, 16)
+
+
+def test_in_process_stop_and_resume(image_folder, tmp_path):
+    """``run(stop_after_steps=...)`` then ``run`` again (same process) repeats the uninterrupted losses."""
+    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full", schedule={"steps": 4},
+                                            checkpoint={"every_steps": 2})))
+    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "stopped", schedule={"steps": 4},
+                                       checkpoint={"every_steps": 2}))
+    first = run(cfg, stop_after_steps=3)  # the last checkpoint is step 2
+    assert first.final_dir is None and sorted(first.losses) == [1, 2, 3]
+    resumed = run(cfg)
+    assert sorted(resumed.losses) == [3, 4]
+    assert {**first.losses, **resumed.losses} == full.losses
+
+
+def _bundle(image_folder: Path, out: Path, vocab_size: int) -> Path:
+    """A tiny model bundle (dropout and drop-path on, 28x28 preprocessing) whose text vocabulary is ``vocab_size``."""
+    import florence
+    from florence.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer([f"a photo of a {c}." for c in CLASSES] * 4, out / "tok", vocab_size=vocab_size)
+    overrides = tiny_config(image_folder, out)["model"]["overrides"]
+    text = {**overrides["text"], "vocab_size": vocab_size}
+    model = florence.create_model("unicl_test", tokenizer=str(out / "tok"), context_length=16,
+                                  **{**overrides, "text": text})
+    model.save_pretrained(out / "bundle")
+    return out / "bundle"
+
+
+def test_continued_training_from_a_bundle(image_folder, tmp_path):
+    """A run from ``model.pretrained`` trains in train mode (from_pretrained returns eval mode), and a tokenizer
+    trained at run start that does not fit the bundle's text vocabulary is a ConfigError, not a silent mismatch."""
+    from florence.engine.config import ConfigError
+    from florence.engine.distributed import unwrap
+
+    bundle = _bundle(image_folder, tmp_path / "b", vocab_size=262)
+
+    def config(name, **model):
+        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 1})
+        cfg["model"] = {"pretrained": str(bundle), "context_length": 16, **model}
+        return config_from_dict(cfg)
+
+    state = setup(config("continued"))
+    model = unwrap(state.model)
+    assert all(m.training for m in model.modules())
+    assert len(model.tokenizer) <= 262
+    assert math.isfinite(fit(state)[1])
+
+    with pytest.raises(ConfigError, match=r"model\.train_tokenizer_vocab.*vocab_size is 262"):
+        setup(config("retokenized", train_tokenizer_vocab=300))
 
 
 class _NaNOnCalls(torch.nn.Module):
@@ -169,8 +232,10 @@ def test_cli_main_with_overrides(image_folder, tmp_path):
                  "eval.zero_shot=true", f"eval.source={source}"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2]
     assert (tmp_path / "cli" / "final" / "model.safetensors").is_file()
-    accuracy = json.loads((tmp_path / "cli" / "zero_shot.json").read_text())["top1"]
+    record = json.loads((tmp_path / "cli" / "zero_shot.json").read_text())
+    accuracy = record["top1"]
     assert 0.0 <= accuracy <= 1.0 and accuracy * 32 == round(accuracy * 32)  # 32 images scored
+    assert record["images"] == 32 and accuracy <= record["top5"] == 1.0  # 4 classes: top-5 is every class
     assert main([str(path), "optim.learning_rate=1"]) == 2  # unknown key: clear error, no run
 
 

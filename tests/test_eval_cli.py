@@ -72,7 +72,7 @@ def _check_common_schema(result, task, bundle):
     assert result["task"] == task and result["dataset"] == "imagefolder"
     assert result["model"]["sha256"] == bundle_sha256(bundle) and len(result["model"]["sha256"]) == 64
     assert result["precision"] == "fp32" and result["seeds"]["split"] == 0
-    assert {"torch", "scikit-learn", "python"} <= set(result["versions"])
+    assert {"torch", "scikit-learn", "python", "platform"} <= set(result["versions"])  # engine's list + sklearn
     for value in result["metrics"].values():
         assert 0.0 <= value <= 1.0
     manifest = result["data"]["test"]
@@ -131,7 +131,7 @@ def test_linear_probe_result_json_matches_the_probe_on_the_cached_features(bundl
     # recompute from the cached pooled features with the library function directly
     cache = sorted((out / "cache").glob("pooled-*.npz"))
     assert len(cache) == 2  # train and test
-    arrays = {p.name.split("-")[-2]: np.load(p) for p in cache}
+    arrays = {("train" if "-train-" in p.name else "test"): np.load(p) for p in cache}
     train_x, train_y = arrays["train"]["features"], arrays["train"]["targets"]
     fit_idx, val_idx = dsets.carve_validation(train_y, 0.2, seed=0)
     direct = lp.linear_probe((train_x[fit_idx], train_y[fit_idx]), (train_x[val_idx], train_y[val_idx]),
@@ -161,6 +161,89 @@ def test_missing_dataset_path_is_a_clear_error(bundle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing / "cifar-10-batches-py" / "batches.meta") in err and "downloads nothing" in err
     assert not (tmp_path / "out" / "zeroshot_cifar10.json").exists()
+
+
+def _copy_test_images(src, dst, per_class: int):
+    """``dst/test/<class>/`` with the first ``per_class`` test images of each class of ``src``."""
+    import shutil
+
+    for folder in sorted((src / "test").iterdir()):
+        (dst / "test" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(image, dst / "test" / folder.name / image.name)
+    return dst
+
+
+def test_feature_cache_is_keyed_by_the_data(bundle, digits_folder, tmp_path):
+    """Another --data-root with the same dataset name and output reads its own images, not the cached ones."""
+    out, templates = tmp_path / "out", tmp_path / "t.txt"
+    templates.write_text("a photo of the number {}.\n")
+    smaller = _copy_test_images(digits_folder, tmp_path / "smaller", per_class=2)
+    assert _run("zeroshot", bundle, digits_folder, out, "--templates", str(templates), "--no-plots") == 0
+    assert _run("zeroshot", bundle, smaller, out, "--templates", str(templates), "--no-plots") == 0
+    result = json.loads((out / "zeroshot_imagefolder.json").read_text())
+    assert result["data"]["num_test"] == 20 and result["data"]["test"]["file_count"] == 20
+    assert result["class_embeddings_from_cache"] is True  # same model, templates, classes and precision
+    assert len(list((out / "cache").glob("pooled-*.npz"))) == 2
+    fresh = tmp_path / "fresh"
+    assert _run("zeroshot", bundle, smaller, fresh, "--templates", str(templates), "--no-plots", "--no-cache") == 0
+    assert json.loads((fresh / "zeroshot_imagefolder.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_retrieval_cache_is_keyed_by_the_caption_file(bundle, digits_folder, tmp_path):
+    import csv
+
+    def captions(path, names):
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", "caption"])
+            writer.writerows([[f"test/{n}/12.png", f"a photo of the number {n}."] for n in names])
+        return path
+
+    first, second = captions(tmp_path / "a.csv", DIGIT_NAMES[:5]), captions(tmp_path / "b.csv", DIGIT_NAMES[5:8])
+
+    def retrieval(caption_file, out, *extra):
+        return eval_cli.main(["retrieval", "--model", str(bundle), "--dataset", "digits", "--data-root",
+                              str(digits_folder), "--captions", str(caption_file), "--output", str(out), "--quiet",
+                              "--no-plots", *extra])
+
+    out = tmp_path / "out"
+    assert retrieval(first, out) == 0 and retrieval(second, out) == 0
+    result = json.loads((out / "retrieval_digits.json").read_text())
+    assert result["data"]["num_images"] == 3 and len(list((out / "cache").glob("pooled-*.npz"))) == 2
+    assert retrieval(second, tmp_path / "fresh", "--no-cache") == 0
+    assert json.loads((tmp_path / "fresh" / "retrieval_digits.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_image_tower_bundle_can_be_probed_but_not_used_zero_shot(digits_folder, tmp_path, capsys, one_thread_module):
+    import florence
+
+    torch.manual_seed(0)
+    tower = florence.create_model("coswin_test").save_pretrained(tmp_path / "tower")
+    out = tmp_path / "out"
+    assert _run("linear-probe", tower, digits_folder, out, "--max-iter", "50", "--no-plots") == 0
+    result = json.loads((out / "linear_probe_imagefolder.json").read_text())
+    assert result["probe"]["feature_dim"] == 256 and 0.0 <= result["metrics"]["top1"] <= 1.0
+    capsys.readouterr()
+    assert _run("zeroshot", tower, digits_folder, out) == 2
+    err = capsys.readouterr().err
+    assert "needs a dual encoder" in err and "Traceback" not in err
+    assert not (out / "zeroshot_imagefolder.json").exists()
+
+
+def test_runtime_errors_are_clear_messages(bundle, tmp_path, capsys, monkeypatch):
+    """ImageNet without open_clip (and no --classnames): a message and exit status 2, not a traceback."""
+    import sys
+
+    for i in range(1000):
+        folder = tmp_path / "imagenet" / "val" / f"n{i:08d}"
+        folder.mkdir(parents=True)
+        (folder / "x.JPEG").touch()
+    monkeypatch.setitem(sys.modules, "open_clip.zero_shot_metadata", None)  # its import now fails
+    code = eval_cli.main(["zeroshot", "--model", str(bundle), "--dataset", "imagenet", "--data-root",
+                          str(tmp_path / "imagenet"), "--output", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "install open_clip" in capsys.readouterr().err
 
 
 def test_every_paper_dataset_names_its_missing_path(tmp_path):

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 from florence.adapters import zeroshot as zs
-from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set, load_template_file
+from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set
+from florence.data.templates import make_prompt
 
 
 def _toy_encoder(dim: int = 16):
@@ -114,11 +115,52 @@ def test_class_embeddings_are_cached_on_disk(tmp_path):
     def build():
         return zs.build_zeroshot_classifier(encode, ["a", "b"], ["{}"], batch_size=8)
 
-    first, hit1 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], build)
-    second, hit2 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], build)
-    other, hit3 = zs.cached_class_embeddings(tmp_path, "n" * 64, ["a", "b"], ["{}"], build)
-    assert (hit1, hit2, hit3) == (False, True, False)
-    assert torch.equal(first, second) and len(calls) == 2
+    first, hit1 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], "fp32", build)
+    second, hit2 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], "fp32", build)
+    other, hit3 = zs.cached_class_embeddings(tmp_path, "n" * 64, ["a", "b"], ["{}"], "fp32", build)
+    bf16, hit4 = zs.cached_class_embeddings(tmp_path, "m" * 64, ["a", "b"], ["{}"], "bf16", build)  # own key
+    assert (hit1, hit2, hit3, hit4) == (False, True, False, False)
+    assert torch.equal(first, second) and len(calls) == 3
+
+
+class _OnAnotherDevice:
+    """Stands in for a tensor built on a GPU: only ``.float()`` and ``.cpu()`` (which hands back the CPU tensor)."""
+
+    def __init__(self, cpu_tensor: torch.Tensor):
+        self.cpu_tensor = cpu_tensor
+
+    def float(self):
+        return self
+
+    def cpu(self) -> torch.Tensor:
+        return self.cpu_tensor
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_class_embeddings_come_back_on_the_cpu(tmp_path, use_cache):
+    built = torch.randn(3, 4)
+    got, from_cache = zs.cached_class_embeddings(tmp_path if use_cache else None, "m" * 64, ["a", "b", "c"], ["{}"],
+                                                 "fp32", lambda: _OnAnotherDevice(built))
+    assert from_cache is False and isinstance(got, torch.Tensor) and got.device.type == "cpu"
+    assert torch.equal(got, built)
+
+
+def test_eval_prompts_are_the_training_prompts():
+    """Zero-shot prompts come from ``florence.data.templates.format_prompt``: class names cleaned as in training,
+    a synonym list contributes its first name."""
+    seen = []
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        seen.extend(prompts)
+        return torch.randn(len(prompts), 8)
+
+    classnames = ["tench, Tinca tinca", ["rock+roll", "music"]]
+    zs.build_zeroshot_classifier(encode, classnames, ["a photo of a {}.", "{c} art"], batch_size=16)
+    assert seen == ["a photo of a tench Tinca tinca.", "tench Tinca tinca art", "a photo of a rock roll.",
+                    "rock roll art"]
+    import random
+
+    assert make_prompt("tench, Tinca tinca", ("a photo of a {}.",), random.Random(0)) == seen[0]
 
 
 def test_template_sets_have_clip_counts():
@@ -128,13 +170,3 @@ def test_template_sets_have_clip_counts():
     assert len(get_template_set("imagenet")) == 80
     assert all(t.count("{}") == 1 for v in DATASET_TEMPLATES.values() for t in v)
     assert DATASET_TEMPLATES["food101"] == ("a photo of {}, a type of food.",)
-
-
-def test_user_template_file(tmp_path):
-    (tmp_path / "t.txt").write_text("a photo of a {c}.\n\nan {} drawing\n")
-    assert load_template_file(tmp_path / "t.txt") == ("a photo of a {}.", "an {} drawing")
-    (tmp_path / "bad.json").write_text('["no placeholder"]')
-    with pytest.raises(ValueError, match="bad.json"):
-        load_template_file(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
-        load_template_file(tmp_path / "missing.txt")

@@ -2,13 +2,16 @@
 
 An image-label sample becomes text through a template drawn per sample: UniCL trains with
 ``"{}."`` plus the 80 CLIP ImageNet templates (81 in all, :data:`UNICL_TEMPLATES`); users can pass a
-template file instead (one template per line, each with exactly one ``{}``).
+template file instead (:func:`load_templates`: a JSON list, or one template per line; ``{}`` or ``{c}`` marks the
+class name).
 
-Class names are cleaned as UniCL does before formatting (commas dropped, ``+`` becomes a space); a class
-given as a list of names uses one synonym drawn per sample.
+:func:`format_prompt` is the one place a prompt is built, for training and evaluation alike: the class name is
+cleaned as UniCL does (commas dropped, ``+`` becomes a space); a class given as a list of synonyms uses its first name
+(evaluation), while :func:`make_prompt` draws one synonym per sample (training).
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Sequence
@@ -104,23 +107,41 @@ UNICL_TEMPLATES: tuple[str, ...] = ("{}.",) + OPENAI_IMAGENET_TEMPLATES
 ClassName = str | Sequence[str]
 
 
-def load_templates(path: str | Path) -> tuple[str, ...]:
-    """Read a template file: one template per line, each containing ``{}`` exactly once.
+def _check_template(template: object, where: str) -> str:
+    """``template`` with ``{c}`` written as ``{}``; ``ValueError`` naming ``where`` unless it has exactly one."""
+    if not isinstance(template, str):
+        raise ValueError(f"{where}: a template must be a string, got {template!r}")
+    template = template.replace("{c}", "{}")
+    if template.count("{}") != 1:
+        raise ValueError(f"{where}: a template needs exactly one '{{}}' (or '{{c}}') placeholder, got {template!r}")
+    return template
 
-    Blank lines and lines starting with ``#`` are ignored. Raises ``ValueError`` naming the file and line
-    for a template without (or with several) placeholders, and for a file with no templates.
+
+def load_templates(path: str | Path) -> tuple[str, ...]:
+    """Read a template file: a JSON list of strings (``.json``), or one template per line.
+
+    In a line file, blank lines and lines starting with ``#`` are ignored. ``{}`` or ``{c}`` marks the class name
+    (returned as ``{}``), exactly once per template. Raises ``ValueError`` naming the file and line (or list index)
+    of a bad template, and for a file with no templates.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"template file not found: {path}")
-    templates = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.count("{}") != 1:
-            raise ValueError(f"{path}:{lineno}: a template needs exactly one '{{}}' placeholder, got {line!r}")
-        templates.append(line)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: expected a JSON list of template strings")
+        templates = [_check_template(t, f"{path}[{i}]") for i, t in enumerate(items)]
+    else:
+        templates = [
+            _check_template(line.strip(), f"{path}:{lineno}")
+            for lineno, line in enumerate(text.splitlines(), start=1)
+            if line.strip() and not line.strip().startswith("#")
+        ]
     if not templates:
         raise ValueError(f"{path}: no templates found")
     return tuple(templates)
@@ -137,10 +158,7 @@ def resolve_templates(spec: str | Path | Sequence[str] | None) -> tuple[str, ...
     if spec == "none":
         return ("{}",)
     if isinstance(spec, (list, tuple)):
-        for t in spec:
-            if not isinstance(t, str) or t.count("{}") != 1:
-                raise ValueError(f"a template needs exactly one '{{}}' placeholder, got {t!r}")
-        return tuple(spec)
+        return tuple(_check_template(t, f"templates[{i}]") for i, t in enumerate(spec))
     return load_templates(spec)
 
 
@@ -149,9 +167,22 @@ def clean_class_name(name: str) -> str:
     return " ".join(name.replace(",", "").replace("+", " ").split())
 
 
+def format_prompt(template: str, class_name: ClassName) -> str:
+    """``template`` with its ``{}`` (or ``{c}``) placeholder replaced by the cleaned class name.
+
+    A list of synonyms uses its first name (deterministic, for evaluation); training draws one with
+    :func:`make_prompt`.
+    """
+    if not isinstance(class_name, str):
+        if not class_name:
+            raise ValueError("a class needs at least one name")
+        class_name = class_name[0]
+    return template.replace("{c}", "{}").replace("{}", clean_class_name(class_name))
+
+
 def make_prompt(class_name: ClassName, templates: Sequence[str], rng: random.Random) -> str:
     """One prompt for one sample: a template and (for a list of names) a synonym drawn from ``rng``."""
     template = templates[rng.randrange(len(templates))]
     if not isinstance(class_name, str):
         class_name = class_name[rng.randrange(len(class_name))]
-    return template.format(clean_class_name(class_name))
+    return format_prompt(template, class_name)

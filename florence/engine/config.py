@@ -41,7 +41,10 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad_norm: float | None = 5.0  # max global L2 gradient norm; None disables clipping
     batch_size: int = 32  # global batch per optimizer step (all ranks, all accumulation steps)
-    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step on each rank
+    # gradient accumulation: micro-batches per optimizer step on each rank. The contrastive loss is computed per
+    # micro-batch (negatives only from the same micro-batch, across ranks), so it is NOT the UniCL loss of the
+    # global batch; for large-batch equivalence use grad_cache_chunk (exact global-batch loss, chunked memory).
+    accum_steps: int = 1
     grad_cache_chunk: int | None = None  # gradient cache: UniCL loss over the whole micro-batch, forward in chunks
     max_nonfinite_in_a_row: int = 5  # abort after this many consecutive non-finite losses (each step is skipped)
 

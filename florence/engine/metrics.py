@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-_LIBRARIES = ("florence-vision", "torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "numpy")
+_LIBRARIES = ("florence-vision", "torch", "torchvision", "timm", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn")
 
 
 def library_versions() -> dict[str, str]:

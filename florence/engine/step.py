@@ -5,7 +5,6 @@ caller counts skips and aborts after too many in a row.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,13 +14,12 @@ from florence.engine.distributed import any_rank, gradient_sync, sync_replicated
 from florence.engine.grad_cache import grad_cache_backward
 from florence.engine.precision import Precision
 
-_MAX_LOGIT_SCALE = math.log(100.0)
-
 
 @dataclass
 class StepResult:
-    """loss: mean UniCL loss over the step's micro-batches (global batch loss); finite: False if the step was
-    skipped; grad_norm: total gradient norm before clipping (None when not computed); lr: learning rate used."""
+    """loss: mean of the micro-batch UniCL losses (the global-batch loss when accum_steps is 1); finite: False if the
+    step was skipped; grad_norm: total gradient norm before clipping (None when not computed); lr: learning rate
+    used."""
 
     loss: float
     finite: bool
@@ -66,14 +64,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def clamp_logit_scale(model: nn.Module) -> None:
-    """Keep the learnable log multiplier in [0, ln 100] (CLIP convention, SPEC §3.3)."""
-    scale = getattr(unwrap(model), "logit_scale", None)
-    if isinstance(scale, torch.Tensor):
-        with torch.no_grad():
-            scale.clamp_(0.0, _MAX_LOGIT_SCALE)
-
-
 def train_step(ctx: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
     """Gradient accumulation over ``micro_batches`` (each this rank's share), then one optimizer step."""
     lr = ctx.optimizer.param_groups[0]["lr"]
@@ -104,5 +94,5 @@ def train_step(ctx: StepContext, micro_batches: list[dict[str, torch.Tensor]]) -
         ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
-    clamp_logit_scale(ctx.model)
+    unwrap(ctx.model).clamp_logit_scale_()  # FSDP2 leaves the 0-dim logit_scale unsharded: a plain clamp
     return StepResult(loss=float(loss), finite=True, grad_norm=grad_norm, lr=lr)

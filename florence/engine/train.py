@@ -12,7 +12,9 @@ The pieces, each small and testable:
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,7 +79,7 @@ def data_texts(data_cfg: dict) -> list[str]:
     """Every text the data can produce, to train a tokenizer on: each class name (and synonym) in each template
     for image-label sources, the captions for image-text sources."""
     from florence.data.loader import build_source
-    from florence.data.templates import clean_class_name
+    from florence.data.templates import format_prompt
 
     texts: list[str] = []
     for spec in data_cfg.get("sources", []):
@@ -85,7 +87,7 @@ def data_texts(data_cfg: dict) -> list[str]:
         if hasattr(source, "class_names"):
             for name in source.class_names:
                 for n in [name] if isinstance(name, str) else name:
-                    texts += [t.format(clean_class_name(n)) for t in source.templates]
+                    texts += [format_prompt(t, n) for t in source.templates]
         elif hasattr(source, "items"):
             # captions that are not valid UTF-8 stay bytes in the source (the loader skips them): not tokenizer text
             texts += [caption for _, caption, _ in source.items if isinstance(caption, str) and caption.strip()]
@@ -115,6 +117,19 @@ def build_tokenizer(cfg: RunConfig, env: DistEnv, run_dir: Path, texts: list[str
     return None
 
 
+def _check_bundle_tokenizer(tokenizer, model: nn.Module, m) -> None:
+    """A tokenizer given for (or trained at the start of) a run from a bundle must fit the bundle's text tower:
+    its vocabulary cannot grow, and the pad id must match."""
+    from florence.backbone.unicl import check_tokenizer
+
+    origin = "model.train_tokenizer_vocab" if m.train_tokenizer_vocab else "model.tokenizer"
+    try:
+        check_tokenizer(tokenizer, model.text_encoder)
+    except ValueError as err:
+        raise ConfigError(f"{origin} with model.pretrained={m.pretrained}: {err} (a bundle's text tower keeps its "
+                          "vocabulary; use its own tokenizer or a compatible one)") from None
+
+
 def build_model(cfg: RunConfig, tokenizer=None) -> nn.Module:
     """A dual encoder from ``model.name`` (+ overrides), ``model.config`` or ``model.pretrained`` (a bundle)."""
     import florence
@@ -127,6 +142,7 @@ def build_model(cfg: RunConfig, tokenizer=None) -> nn.Module:
     if m.pretrained is not None:
         model = florence.from_pretrained(m.pretrained)
         if tokenizer is not None:
+            _check_bundle_tokenizer(tokenizer, model, m)
             model.tokenizer = tokenizer
     elif m.name is not None:
         overrides = dict(m.overrides)
@@ -214,6 +230,7 @@ def setup(cfg: RunConfig) -> TrainState:
     seed_everything(cfg.seed)  # identical model init on every rank (FSDP does not broadcast)
     texts = data_texts(cfg.data) if cfg.model.train_tokenizer_vocab and env.is_main else None
     model = build_model(cfg, build_tokenizer(cfg, env, run_dir, texts)).to(env.device)
+    model.train()  # from_pretrained (bundle, pretrained text tower) returns eval mode: dropout / drop-path back on
     precision = build_precision(cfg.precision.dtype, env.device)
     wrapped = wrap_model(model, env, cfg.distributed.strategy)
     o = cfg.optim  # the optimizer is built after wrapping: FSDP2 replaces the parameters by sharded ones
@@ -284,10 +301,18 @@ def _progress(state: TrainState):
     return tqdm(total=state.total_steps, initial=state.step, disable=not enabled, dynamic_ncols=True, unit="step")
 
 
+KILL_AT_STEP_ENV = "FLORENCE_KILL_AT_STEP"
+
+
 def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, float]:
     """Run optimizer steps until ``total_steps`` (or ``stop_after_steps`` steps in this call, to simulate a
-    preemption in tests); return ``{step: loss}``."""
+    preemption in tests); return ``{step: loss}``.
+
+    Preemption drill: with the environment variable ``FLORENCE_KILL_AT_STEP=k`` the process sends itself SIGKILL
+    right after optimizer step k (its metrics line and any checkpoint due written), as a real preemption would.
+    """
     cfg, env = state.cfg, state.env
+    kill_at = int(os.environ[KILL_AT_STEP_ENV]) if os.environ.get(KILL_AT_STEP_ENV) else None
     writer = MetricsWriter(state.run_dir, enabled=env.is_main, tensorboard=cfg.output.tensorboard,
                            resume_step=state.step)
     batches = _batches(state.loader)
@@ -313,6 +338,8 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
             every = cfg.checkpoint.every_steps
             if every and state.step % every == 0 and state.step < state.total_steps:
                 save(state)
+            if state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         writer.close()
@@ -373,19 +400,40 @@ def run(cfg: RunConfig, *, stop_after_steps: int | None = None) -> TrainResult:
 
 def evaluate_zero_shot(state: TrainState) -> float:
     """Top-1 zero-shot accuracy of the saved bundle (``<run_dir>/final``, loaded back with
-    ``florence.from_pretrained``) on ``eval.source``; written to ``<run_dir>/zero_shot.json``."""
+    ``florence.from_pretrained``) on ``eval.source``, with the evaluation classifier of ``florence.adapters.zeroshot``
+    (prompt ensemble over the source's templates, first cleaned name of each class); top-1, top-5 and mean-per-class are
+    written to ``<run_dir>/zero_shot.json``."""
     import json
 
     import florence
-    from florence.engine.zero_shot import zero_shot_eval
+    from florence.adapters.zeroshot import build_zeroshot_classifier, classification_metrics, model_text_encoder
+    from florence.data.loader import build_source
+    from florence.data.templates import resolve_templates
+    from florence.data.transforms import build_transform
 
-    model = florence.from_pretrained(state.run_dir / "final").to(state.env.device)
-    ev = state.cfg.eval
-    accuracy = zero_shot_eval(model, ev.source, batch_size=ev.batch_size, max_images=ev.max_images,
-                              device=state.env.device)
-    record = {"top1": accuracy, "step": state.step, "source": ev.source, "max_images": ev.max_images}
+    device, ev = state.env.device, state.cfg.eval
+    model = florence.from_pretrained(state.run_dir / "final").to(device)  # eval mode
+    source = build_source(dict(ev.source))
+    if not hasattr(source, "class_names"):
+        raise ConfigError(f"eval.source {ev.source}: zero-shot needs an image-label source with class names")
+    names = list(source.class_names)  # prompts are formatted as in training (florence.data.templates.format_prompt)
+    templates = getattr(source, "templates", None) or resolve_templates(None)
+    classifier = build_zeroshot_classifier(model_text_encoder(model, device), names, templates,
+                                           batch_size=ev.batch_size).to(device)  # C, D
+    transform = build_transform(model.preprocess, train=False)
+    n = len(source) if ev.max_images is None else min(ev.max_images, len(source))
+    rng = random.Random(0)  # get() draws a prompt we do not use
+    scores, labels = [], []
+    with torch.no_grad():
+        for start in range(0, n, ev.batch_size):
+            samples = [source.get(i, rng) for i in range(start, min(start + ev.batch_size, n))]
+            images = torch.stack([transform(s.image) for s in samples]).to(device)  # B, 3, H, W
+            scores.append((model.encode_image(images).float() @ classifier.t()).cpu())  # B, C
+            labels += [s.label for s in samples]
+    metrics = classification_metrics(torch.cat(scores), torch.tensor(labels))
+    record = {**metrics, "images": n, "step": state.step, "source": ev.source, "max_images": ev.max_images}
     (state.run_dir / "zero_shot.json").write_text(json.dumps(record, indent=2))
-    return accuracy
+    return metrics["top1"]
 
 
 def main(argv: list[str] | None = None) -> int:
