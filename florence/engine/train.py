@@ -298,7 +298,9 @@ def _progress(state: TrainState):
     from tqdm import tqdm
 
     enabled = state.env.is_main and state.cfg.output.progress
-    return tqdm(total=state.total_steps, initial=state.step, disable=not enabled, dynamic_ncols=True, unit="step")
+    # at most one refresh a second: a redirected log gets a line a second, not one per step
+    return tqdm(total=state.total_steps, initial=state.step, disable=not enabled, dynamic_ncols=True, unit="step",
+                mininterval=1.0)
 
 
 KILL_AT_STEP_ENV = "FLORENCE_KILL_AT_STEP"
@@ -330,8 +332,9 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
             _account(state, result)
             losses[state.step] = result.loss
             seconds = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{images / seconds:.1f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", img_s=f"{images / seconds:.1f}",
+                            refresh=False)
+            bar.update(1)  # refreshes (postfix included) at most once per mininterval
             if state.step % cfg.output.log_every == 0 or state.step == state.total_steps or state.step == 1:
                 writer.log({"step": state.step, "loss": result.loss, "lr": result.lr, "images_per_s": images / seconds,
                             "grad_norm": result.grad_norm, "skipped": state.skipped})
