@@ -136,23 +136,23 @@ def sweep_regularization(
     num_classes: int,
     max_iter: int = 1000,
     threads: int | None = None,
-) -> tuple[float, list[tuple[float, float]], bool]:
+) -> tuple[float, list[tuple[float, float]], bool, tuple[LogisticRegression | OneVsRestClassifier, bool]]:
     """``parametric_search`` with L-BFGS fits on train scored by ``metric`` on val.
 
-    Returns ``(best C, [(C, validation score), ...] in evaluation order, all fits converged)``.
+    Returns ``(best C, [(C, validation score), ...] in evaluation order, all fits converged, (the classifier fitted
+    on train with the best C, its converged flag))``.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown probe metric {metric!r}; expected one of {METRICS}")
-    converged = True
+    fits: dict[float, tuple[LogisticRegression | OneVsRestClassifier, bool]] = {}
 
     def evaluate(log_c: float) -> float:
-        nonlocal converged
-        classifier, ok = fit_logistic_regression(train_x, train_y, 10.0**log_c, max_iter, threads)
-        converged &= ok
-        return evaluate_scores(_class_scores(classifier, val_x, num_classes), val_y)[metric]
+        fits[log_c] = fit_logistic_regression(train_x, train_y, 10.0**log_c, max_iter, threads)
+        return evaluate_scores(_class_scores(fits[log_c][0], val_x, num_classes), val_y)[metric]
 
     best, scores = parametric_search(evaluate)
-    return 10.0**best, [(10.0**lc, s) for lc, s in scores.items()], converged
+    converged = all(ok for _, ok in fits.values())
+    return 10.0**best, [(10.0**lc, s) for lc, s in scores.items()], converged, fits[best]
 
 
 def linear_probe(
@@ -176,11 +176,12 @@ def linear_probe(
     """
     if refit not in ("train+val", "train"):
         raise ValueError(f"refit must be 'train+val' or 'train', got {refit!r}")
-    best_c, history, converged = sweep_regularization(*train, *val, metric, num_classes, max_iter, threads)
-    fit_x, fit_y = train
-    if refit == "train+val":
+    best_c, history, converged, (classifier, ok) = sweep_regularization(
+        *train, *val, metric, num_classes, max_iter, threads
+    )
+    if refit == "train+val":  # refit = "train" reuses the sweep's fit with the chosen C (same data, same C)
         fit_x, fit_y = np.concatenate([train[0], val[0]]), np.concatenate([train[1], val[1]])
-    classifier, ok = fit_logistic_regression(fit_x, fit_y, best_c, max_iter, threads)
+        classifier, ok = fit_logistic_regression(fit_x, fit_y, best_c, max_iter, threads)
     test_scores = _class_scores(classifier, test[0], num_classes)
     return LinearProbeResult(
         C=best_c,

@@ -48,11 +48,6 @@ class UniCLOutput:
     text_embeds: torch.Tensor
     logit_scale: torch.Tensor
 
-    @property
-    def logits_per_image(self) -> torch.Tensor:
-        """(B, B) scaled similarities ``s · u_i · v_j`` (rows: images, columns: texts)."""
-        return self.logit_scale * self.image_embeds @ self.text_embeds.t()
-
 
 class UniCLModel(BundleMixin, nn.Module):
     """Image tower -> ``image_projection`` (8C -> D, no bias); text tower (with its own projection);

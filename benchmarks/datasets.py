@@ -154,7 +154,7 @@ def _fixed_names(classnames: tuple[str, ...]):
     return fix
 
 
-class _ImageList(Dataset):
+class ImageList(Dataset):
     """Images from a list of paths with targets; decoded with ``florence.data.images.decode_image``."""
 
     def __init__(self, paths: list[Path], targets: np.ndarray, transform: Transform):
@@ -228,7 +228,7 @@ def _voc2007_reader(root: Path, split: str, transform: Transform) -> EvalSplit:
         columns.append([{"1": 1, "-1": 0, "0": -1}[r[1]] for r in rows])
     targets = np.asarray(columns, dtype=np.int64).T  # N, 20
     paths = [base / "JPEGImages" / f"{i}.jpg" for i in image_ids]
-    return EvalSplit(_ImageList(paths, targets, transform), targets, list(names.VOC2007_CLASSNAMES), [base])
+    return EvalSplit(ImageList(paths, targets, transform), targets, list(names.VOC2007_CLASSNAMES), [base])
 
 
 def imagenet_classnames(path: str | Path | None = None) -> list[str]:

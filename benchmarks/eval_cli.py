@@ -108,6 +108,15 @@ class _Context:
         self.transform = build_transform(dict(model.preprocess), train=False)
         self.transform_key = feats.transform_key(dict(model.preprocess), extra="eval")
         self.autocast = build_precision(args.precision, self.device).autocast
+        self._manifests: dict[tuple, dict] = {}
+
+    def manifest(self, split: dsets.EvalSplit) -> dict:
+        """``dsets.data_manifest`` of a split's files, computed once per file list (splits of one dataset folder
+        share it)."""
+        key = tuple(str(f) for f in split.files)
+        if key not in self._manifests:
+            self._manifests[key] = dsets.data_manifest(split.files)
+        return self._manifests[key]
 
     def loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.args.batch_size, shuffle=False, num_workers=self.args.workers)
@@ -176,7 +185,7 @@ def run_zeroshot(ctx: _Context, spec: dsets.DatasetSpec, root: Path) -> tuple[di
 
     classifier, from_cache = zs.cached_class_embeddings(ctx.cache_dir, ctx.model_hash, classnames, templates,
                                                         args.precision, build)
-    manifest = dsets.data_manifest(test.files)
+    manifest = ctx.manifest(test)
     pooled, targets = ctx.features(test, f"{spec.name}-test", manifest)
     image_embeds = feats.project(ctx.model, pooled)  # N, D
     scores = image_embeds @ classifier.numpy().T  # N, C
@@ -201,11 +210,11 @@ def _probe_splits(ctx: _Context, spec: dsets.DatasetSpec, root: Path):
         keep = dsets.stratified_subset(train.targets, args.train_limit, seed=args.split_seed)
         train = _subset(train, keep)
     limit_key = f"-limit{args.train_limit}-seed{args.split_seed}" if args.train_limit is not None else ""
-    manifests = {"train": dsets.data_manifest(train.files)}
+    manifests = {"train": ctx.manifest(train)}
     train_x, train_y = ctx.features(train, f"{spec.name}-train{limit_key}", manifests["train"])
     if spec.has_val(root):
         val = spec.load(root, "val", ctx.transform)
-        manifests["val"] = dsets.data_manifest(val.files)
+        manifests["val"] = ctx.manifest(val)
         val_x, val_y = ctx.features(val, f"{spec.name}-val", manifests["val"])
         info["val_source"] = "official"
     else:
@@ -213,7 +222,7 @@ def _probe_splits(ctx: _Context, spec: dsets.DatasetSpec, root: Path):
         val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[fit_idx], train_y[fit_idx]
         info["val_source"] = f"carved from train: stratified fraction {args.val_fraction}, seed {args.split_seed}"
     test = spec.load(root, "test", ctx.transform)
-    manifests["test"] = dsets.data_manifest(test.files)
+    manifests["test"] = ctx.manifest(test)
     test_x, test_y = ctx.features(test, f"{spec.name}-test", manifests["test"])
     info.update({"num_train": int(len(train_y)), "num_val": int(len(val_y)), "num_test": int(len(test_y)),
                  "feature_dim": int(train_x.shape[1])})
@@ -266,21 +275,6 @@ def run_few_shot(ctx: _Context, spec: dsets.DatasetSpec, root: Path) -> tuple[di
     return result, {}
 
 
-class _ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from florence.data.images import decode_image
-
-        if not Path(self.paths[i]).is_file():
-            raise FileNotFoundError(f"{self.paths[i]}: image listed in the caption file is missing")
-        return self.transform(decode_image(self.paths[i])), i
-
-
 def run_retrieval(ctx: _Context, name: str, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Zero-shot image-text retrieval on a caption file's split."""
     args = ctx.args
@@ -291,9 +285,10 @@ def run_retrieval(ctx: _Context, name: str, root: Path) -> tuple[dict[str, Any],
     missing = [p for p in pairs.image_paths if not Path(p).is_file()]
     if missing:
         raise dsets.DatasetNotFound(f"{missing[0]}: image listed in {path} is missing ({len(missing)} missing)")
-    split = dsets.EvalSplit(_ImageFiles(pairs.image_paths, ctx.transform), np.arange(len(pairs.image_paths)), [],
+    targets = np.arange(len(pairs.image_paths))  # image index: the captions refer to images by it
+    split = dsets.EvalSplit(dsets.ImageList(pairs.image_paths, targets, ctx.transform), targets, [],
                             [path, *pairs.image_paths])
-    manifest = dsets.data_manifest(split.files)
+    manifest = ctx.manifest(split)
     pooled, _ = ctx.features(split, f"retrieval-{name}-{args.split}", manifest)
     image_embeds = feats.project(ctx.model, pooled)  # N_img, D
     with tqdm(total=len(pairs.captions), desc="captions", unit="txt", disable=args.quiet) as bar, ctx.autocast():
@@ -340,13 +335,11 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
             "final_loss": trained.losses[max(trained.losses)] if trained.losses else None}
 
 
-def write_result(output: str | Path, result: dict[str, Any]) -> Path:
-    """``<output>/<task>_<dataset>.json`` (task with ``-`` as ``_``)."""
+def result_path(output: str | Path, result: dict[str, Any]) -> Path:
+    """``<output>/<task>_<dataset>.json`` (task with ``-`` as ``_``); creates ``output``."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{result['task'].replace('-', '_')}_{result['dataset']}.json"
-    path.write_text(json.dumps(result, indent=2, default=_json_default))
-    return path
+    return out / f"{result['task'].replace('-', '_')}_{result['dataset']}.json"
 
 
 def _json_default(value: Any):
@@ -403,10 +396,10 @@ def evaluate(args: argparse.Namespace, model=None, model_hash: str | None = None
         runner = {"zeroshot": run_zeroshot, "linear-probe": run_linear_probe, "few-shot": run_few_shot}[args.task]
         result, arrays = runner(ctx, spec, root)
     result["wall_time_s"] = round(time.perf_counter() - start, 2)
-    path = write_result(args.output, result)
+    path = result_path(args.output, result)
     if not args.no_plots:
         result["pictures"] = [str(p) for p in _pictures(result, arrays, path)]
-        path.write_text(json.dumps(result, indent=2, default=_json_default))
+    path.write_text(json.dumps(result, indent=2, default=_json_default))
     return path, result
 
 

@@ -15,13 +15,13 @@ _COLUMNS = ("food101", "cifar10", "cifar100", "sun397", "cars", "fgvc_aircraft",
             "caltech101", "flowers102", "imagenet")
 
 
-# The metric each classification column reports (CLIP's convention, SPEC §8.2); top-1 for the others.
-PAPER_METRIC = {"fgvc_aircraft": "mean_per_class", "pets": "mean_per_class", "caltech101": "mean_per_class",
-                "flowers102": "mean_per_class", "voc2007": "map_11point"}
-
-
 def paper_metric(dataset: str) -> str:
-    return PAPER_METRIC.get(dataset, "top1")
+    """The metric the paper's column for ``dataset`` reports: the dataset specification's (CLIP's convention,
+    SPEC §8.2); top-1 for a dataset without a specification."""
+    from florence.benchmarks.datasets import build_specs
+
+    spec = build_specs().get(dataset)
+    return spec.metric if spec is not None else "top1"
 
 
 def _row(*values: float | None) -> dict[str, float]:

@@ -1,4 +1,5 @@
 """The package installs as one import package from a regular (non-editable) wheel, configs included."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,9 +30,12 @@ def test_cli_lists_models(capsys):
 
 @pytest.mark.slow
 def test_wheel_installs_subpackages_and_configs(tmp_path):
+    # build from a copy: setuptools leaves build/ and *.egg-info in the source tree it builds
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info", "__pycache__"))
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(ROOT)], check=True
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir), str(source)], check=True
     )
     (wheel,) = wheel_dir.glob("florence_vision-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

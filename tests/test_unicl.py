@@ -50,7 +50,6 @@ def test_forward_shapes_and_normalisation(model):
     torch.testing.assert_close(out.text_embeds.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(out.image_embeds, F.normalize(raw_image, dim=-1))
     torch.testing.assert_close(out.text_embeds, F.normalize(raw_text, dim=-1))
-    torch.testing.assert_close(out.logits_per_image, out.logit_scale * out.image_embeds @ out.text_embeds.t())
     # the image path is the tower's pooled 8C feature times the bias-free projection
     assert model.image_projection.bias is None
     assert model.image_projection.in_features == model.image_encoder.num_features

@@ -99,14 +99,15 @@ def data_texts(data_cfg: dict) -> list[str]:
 # -- model ------------------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(cfg: RunConfig, env: DistEnv, run_dir: Path, texts: list[str] | None):
-    """The tokenizer to attach: trained on ``texts`` into ``<run_dir>/tokenizer`` (rank 0, then loaded by all),
-    loaded from ``model.tokenizer``, or None (keep the model's own)."""
+def build_tokenizer(cfg: RunConfig, env: DistEnv, run_dir: Path):
+    """The tokenizer to attach: trained on the data's texts into ``<run_dir>/tokenizer`` (rank 0, once: a resumed
+    run reuses it), loaded from ``model.tokenizer``, or None (keep the model's own)."""
     from florence.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     if cfg.model.train_tokenizer_vocab:
         out = run_dir / "tokenizer"
         if env.is_main and not (out / "tokenizer.json").is_file():
+            texts = data_texts(cfg.data)
             if not texts:
                 raise ConfigError("model.train_tokenizer_vocab: the data gives no texts to train a tokenizer on")
             train_bpe_tokenizer(texts, out, vocab_size=cfg.model.train_tokenizer_vocab)
@@ -228,8 +229,7 @@ def setup(cfg: RunConfig) -> TrainState:
     env = init_distributed(cfg.distributed.backend)
     run_dir = _prepare_run_dir(cfg, env)
     seed_everything(cfg.seed)  # identical model init on every rank (FSDP does not broadcast)
-    texts = data_texts(cfg.data) if cfg.model.train_tokenizer_vocab and env.is_main else None
-    model = build_model(cfg, build_tokenizer(cfg, env, run_dir, texts)).to(env.device)
+    model = build_model(cfg, build_tokenizer(cfg, env, run_dir)).to(env.device)
     model.train()  # from_pretrained (bundle, pretrained text tower) returns eval mode: dropout / drop-path back on
     precision = build_precision(cfg.precision.dtype, env.device)
     wrapped = wrap_model(model, env, cfg.distributed.strategy)
