@@ -147,14 +147,7 @@ def recall_at_k(
 def encode_captions(model, captions: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu",
                     progress=None) -> torch.Tensor:
     """``(N_txt, D)`` unit-norm text embeddings of ``captions`` (``model.tokenize`` + ``model.encode_text``)."""
-    from florence.adapters.features import require_dual_encoder
+    from florence.adapters.zeroshot import encode_in_batches, model_text_encoder
 
-    require_dual_encoder(model, "image-text retrieval")
-    chunks = []
-    for start in range(0, len(captions), batch_size):
-        batch = list(captions[start:start + batch_size])
-        tokens = model.tokenize(batch)
-        chunks.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
-        if progress is not None:
-            progress(len(batch))
-    return torch.cat(chunks).cpu()
+    encoder = model_text_encoder(model, device, task="image-text retrieval")
+    return encode_in_batches(encoder, captions, batch_size, progress).cpu()

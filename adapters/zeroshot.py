@@ -58,19 +58,26 @@ def build_zeroshot_classifier(
     if not classnames or not templates:
         raise ValueError("a zero-shot classifier needs at least one class name and one template")
     prompts = [format_prompt(t, c) for c in classnames for t in templates]  # class-major: C*T prompts
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        chunks.append(F.normalize(encode_text(batch).float(), dim=-1))
-        if progress is not None:
-            progress(len(batch))
-    text = torch.cat(chunks).reshape(len(classnames), len(templates), -1)  # C, T, D
+    text = encode_in_batches(encode_text, prompts, batch_size, progress)  # C*T, D
+    text = text.reshape(len(classnames), len(templates), -1)  # C, T, D
     return F.normalize(text.mean(dim=1), dim=-1)
 
 
-def model_text_encoder(model, device: torch.device | str = "cpu") -> TextEncoder:
+def encode_in_batches(encode_text: TextEncoder, texts: Sequence[str], batch_size: int,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """``(N, D)`` float32 unit-norm embeddings of ``texts``, ``batch_size`` texts per ``encode_text`` call."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start:start + batch_size])
+        chunks.append(F.normalize(encode_text(batch).float(), dim=-1))
+        if progress is not None:
+            progress(len(batch))
+    return torch.cat(chunks)
+
+
+def model_text_encoder(model, device: torch.device | str = "cpu", task: str = "zero-shot classification") -> TextEncoder:
     """A ``TextEncoder`` over a ``UniCLModel`` (``model.tokenize`` then ``model.encode_text``)."""
-    require_dual_encoder(model, "zero-shot classification")
+    require_dual_encoder(model, task)
 
     def encode(prompts: list[str]) -> torch.Tensor:
         tokens = model.tokenize(prompts)
