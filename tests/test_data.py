@@ -16,6 +16,7 @@ from skimage import data as skdata
 from timm.data import create_transform
 
 from florence.data import (
+    BadSampleError,
     FASHION_MNIST_CLASSES,
     OPENAI_IMAGENET_TEMPLATES,
     UNICL_TEMPLATES,
@@ -460,3 +461,16 @@ def test_config_errors(photo_dir):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_train_loader({"sources": [{"type": "image_folder", "path": str(photo_dir / "does-not-exist")}],
                             "batch_size": 2}, preprocess=PREPROCESS, tokenize=byte_tokenize)
+
+
+def test_webdataset_honours_max_bad_retries(tmp_path):
+    """Shards of only bad samples stop with a BadSampleError after ``max_bad_retries`` skips, as map-style data does."""
+    with wds.TarWriter(str(tmp_path / "all-bad.tar")) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"bad{i}", "jpg": b"not a jpeg", "cls": b"0"})
+    cfg = {"sources": [{"type": "webdataset", "path": [str(tmp_path / "all-bad.tar")], "class_names": ["cat"],
+                        "resampled": True, "shuffle_buffer": 0}],
+           "batch_size": 2, "max_bad_retries": 2, "seed": 0}
+    loader = build_train_loader(cfg, preprocess=PREPROCESS, tokenize=byte_tokenize, run_dir=tmp_path / "run")
+    with pytest.raises(BadSampleError, match="3 bad samples in a row"):
+        next(iter(loader))

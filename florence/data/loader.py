@@ -199,7 +199,8 @@ def build_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], to
     if any(s.get("type") == "webdataset" for s in specs):
         from florence.data.webdataset_source import build_webdataset_loader
 
-        return build_webdataset_loader(specs, transform=transform, bad=bad, collate_fn=tokenize_collate, **common)
+        return build_webdataset_loader(specs, transform=transform, bad=bad, collate_fn=tokenize_collate,
+                                       max_bad_retries=config.get("max_bad_retries", 16), **common)
     sources = [build_source(spec) for spec in specs]
     weights = [float(spec.get("weight", 1.0)) for spec in specs]
     plan = MixturePlan([len(s) for s in sources], weights, seed=common["seed"],

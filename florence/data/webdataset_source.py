@@ -32,7 +32,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from florence.data.bad_samples import BadSampleLog, BadSampleSummary
+from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSummary
 from florence.data.images import BadSample, clean_caption, decode_image
 from florence.data.mixing import label_offsets, sample_seed, split_counts, text_rng
 from florence.data.sources import caption_label, load_class_names
@@ -122,8 +122,10 @@ class WebDatasetStream(IterableDataset):
     """Endless stream of ``(image (3,H,W), text, global label)`` for one rank, mixing webdataset sources."""
 
     def __init__(self, sources: Sequence[WebDatasetSource], weights: Sequence[float], transform: ImageTransform,
-                 bad: BadSampleLog, *, seed: int, rank: int, world_size: int, restart: int = 0):
+                 bad: BadSampleLog, *, seed: int, rank: int, world_size: int, restart: int = 0,
+                 max_bad_retries: int = 16):
         self.sources, self.weights = list(sources), list(weights)
+        self.max_bad_retries = int(max_bad_retries)
         split_counts(1, self.weights)  # validates the weights
         self.offsets = label_offsets([s.kind for s in self.sources], [s.num_classes for s in self.sources])
         self.transform, self.bad = transform, bad
@@ -167,8 +169,9 @@ class WebDatasetStream(IterableDataset):
             except BadSample as err:
                 self.bad.handle(err, source=self.sources[i].name)
                 failures += 1
-                if failures > 1000:
-                    raise RuntimeError(f"webdataset source {self.sources[i].name!r}: 1000 bad samples in a row")
+                if failures > self.max_bad_retries:
+                    raise BadSampleError(f"webdataset source {self.sources[i].name!r}: {failures} bad samples in a "
+                                         f"row (data.max_bad_retries = {self.max_bad_retries}); last: {err}")
                 continue
             failures = 0
             yield tensor, text, label + self.offsets[i]
@@ -202,7 +205,7 @@ class WebDatasetLoader:
 
 def build_webdataset_loader(specs: Sequence[dict[str, Any]], *, transform: ImageTransform, bad: BadSampleLog,
                             collate_fn: Callable, batch_size: int, rank: int, world_size: int, seed: int,
-                            num_workers: int) -> WebDatasetLoader:
+                            num_workers: int, max_bad_retries: int = 16) -> WebDatasetLoader:
     """A :class:`WebDatasetLoader` from ``type: webdataset`` source specs (all sources must be webdataset)."""
     sources = []
     for spec in specs:
@@ -220,5 +223,5 @@ def build_webdataset_loader(specs: Sequence[dict[str, Any]], *, transform: Image
                                         shuffle_buffer=spec.get("shuffle_buffer", 1000),
                                         name=spec.get("name") or f"webdataset{len(sources)}"))
     stream = WebDatasetStream(sources, [float(s.get("weight", 1.0)) for s in specs], transform, bad, seed=seed,
-                              rank=rank, world_size=world_size)
+                              rank=rank, world_size=world_size, max_bad_retries=max_bad_retries)
     return WebDatasetLoader(stream, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers)
