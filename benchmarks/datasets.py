@@ -281,17 +281,15 @@ def _fashion_mnist_reader(root: Path, split: str, transform: Transform) -> EvalS
     from florence.data.sources import FashionMNISTSource
 
     source = FashionMNISTSource(root, split="train" if split == "train" else "test")
-    prefix = "train" if split == "train" else "t10k"
-    files = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
-    labels = np.asarray(source.labels, dtype=np.int64)
-    return EvalSplit(_TensorImages(source.images, labels, transform), labels, list(source.class_names), files)
+    return EvalSplit(_TensorImages(source.images, source.labels, transform), source.labels,
+                     list(source.class_names), list(source.files))
 
 
 class _TensorImages(Dataset):
     """uint8 images ``(N, H, W)`` held in memory; the transform takes a uint8 tensor (florence.data.transforms)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Transform):
-        self.images, self.labels, self.transform = torch.from_numpy(np.array(images, dtype=np.uint8)), labels, transform
+        self.images, self.labels, self.transform = torch.from_numpy(images), labels, transform  # shares memory
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -300,7 +298,6 @@ class _TensorImages(Dataset):
         return self.transform(self.images[i]), int(self.labels[i])
 
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 
 def build_specs(imagenet_classnames_file: str | Path | None = None) -> dict[str, DatasetSpec]:

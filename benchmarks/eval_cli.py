@@ -166,7 +166,9 @@ def _resolve_root(spec: dsets.DatasetSpec, data_root: str | None) -> Path:
     if data_root is not None:
         return Path(data_root)
     if spec.name == "fashion_mnist":
-        return dsets.FASHION_MNIST_ROOT
+        from florence.data.sources import FASHION_MNIST_DIR
+
+        return Path(FASHION_MNIST_DIR)
     raise SystemExit(f"florence eval: --data-root is required for {spec.name} (expected layout: {spec.layout})")
 
 

@@ -148,8 +148,9 @@ class FashionMNISTSource:
             raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
         root = Path(root if root is not None else FASHION_MNIST_DIR)
         prefix = "train" if split == "train" else "t10k"
-        self.images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz")  # N, 28, 28
-        self.labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)  # N
+        self.files = (root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
+        self.images = read_idx(self.files[0])  # N, 28, 28
+        self.labels = read_idx(self.files[1]).astype(np.int64)  # N
         if len(self.images) != len(self.labels) or self.images.ndim != 3:
             raise ValueError(f"{root}: {prefix} images {self.images.shape} and labels {self.labels.shape} disagree")
         self.class_names = list(FASHION_MNIST_CLASSES)
