@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from florence.adapters.zeroshot import require_dual_encoder
 from florence.engine.precision import build_precision
 
 
@@ -24,16 +25,6 @@ def transform_key(preprocess: dict, extra: str = "") -> str:
     """A short hash naming the evaluation transform (the preprocessing dict, plus anything else that changes it)."""
     payload = json.dumps({"preprocess": preprocess, "extra": extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def require_dual_encoder(model: torch.nn.Module, task: str) -> None:
-    """``ValueError`` unless ``model`` has a text tower and a projection (an image-tower bundle can only be probed)."""
-    missing = [name for name in ("encode_text", "tokenize", "image_projection") if not hasattr(model, name)]
-    if missing:
-        raise ValueError(
-            f"{task} needs a dual encoder (image + text towers, e.g. a unicl_* bundle); this "
-            f"{type(model).__name__} is an image tower only (no {', '.join(missing)}). Use linear-probe or few-shot."
-        )
 
 
 @torch.no_grad()
@@ -59,7 +50,7 @@ def extract(
     for images, target in loader:
         images = images.to(device)
         with autocast():
-            out = tower.forward_features(images)  # B, 8C
+            out = tower.forward_head(tower.forward_features(images), pre_logits=True)  # B, 8C pooled
         features.append(out.float().cpu().numpy())
         targets.append(torch.as_tensor(target).cpu().numpy())
         if progress is not None:

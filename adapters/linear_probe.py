@@ -25,7 +25,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from threadpoolctl import threadpool_limits
 
-from florence.adapters.zeroshot import classification_metrics, voc11_map
+from florence.adapters.zeroshot import score_metrics
 
 PROTOCOL_ID = "openai-clip-lbfgs-v1"
 FEW_SHOT_PROTOCOL_ID = "florence-fewshot-lbfgs-v1"
@@ -74,11 +74,7 @@ def fit_logistic_regression(features: np.ndarray, targets: np.ndarray, C: float,
     return classifier, converged
 
 
-def evaluate_scores(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """All metrics that apply: top-1/top-5/mean-per-class for labels, 11-point mAP for multi-label targets."""
-    if targets.ndim == 2:
-        return voc11_map(scores, targets)
-    return classification_metrics(scores, targets)
+evaluate_scores = score_metrics  # all metrics that apply: top-1/5 + mean per class, or 11-point mAP for multi-label
 
 
 def _class_scores(classifier, features: np.ndarray, num_classes: int) -> np.ndarray:

@@ -4,6 +4,7 @@
   of every caption);
 - ``recall_at_k(similarity, text_to_image)`` is a pure function: text->image counts a hit when the caption's image is
   in the top K images; image->text when ANY of the image's captions is in the top K captions (CLIP_benchmark);
+  ``trivial_recall_metrics`` names the R@K that cannot miss (K >= the number of candidates);
 - fine-tuned retrieval (continued UniCL training on the target pairs) needs the training engine, so it lives in
   ``florence.benchmarks.finetune_retrieval`` (adapters do not import training code).
 """
@@ -17,6 +18,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from florence.data.errors import DataFileError, DataNotFound
+from florence.data.sources import check_row_width
 
 KS = (1, 5, 10)
 
@@ -41,6 +45,16 @@ class CaptionSet:
         """Indices of the captions of one image."""
         return np.flatnonzero(self.text_to_image == image_index).tolist()
 
+    def keep_images(self, keep: Sequence[int] | np.ndarray) -> CaptionSet:
+        """The split restricted to the images ``keep`` (indices, in that order) and their captions; used when bad
+        images were skipped. Captions keep their relative order; ``text_to_image`` is renumbered."""
+        keep = np.asarray(keep, dtype=np.int64)
+        new_index = np.full(len(self.image_paths), -1, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        kept = new_index[self.text_to_image] >= 0  # N_txt
+        return CaptionSet([self.image_paths[i] for i in keep], [c for c, k in zip(self.captions, kept) if k],
+                          new_index[self.text_to_image[kept]], self.source)
+
 
 def load_karpathy_json(path: str | Path, image_root: str | Path, split: str = "test") -> CaptionSet:
     """Read a Karpathy-style caption file (``dataset_flickr30k.json``, ``dataset_coco.json``).
@@ -51,10 +65,13 @@ def load_karpathy_json(path: str | Path, image_root: str | Path, split: str = "t
     """
     path, image_root = Path(path), Path(image_root)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption file not found (expected a Karpathy-style JSON)")
-    data = json.loads(path.read_text())
+        raise DataNotFound(f"{path}: caption file not found (expected a Karpathy-style JSON)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{path}: expected a JSON object with an 'images' list (Karpathy format)")
+        raise DataFileError(f"{path}: expected a JSON object with an 'images' list (Karpathy format)")
     images, captions, owners = [], [], []
     for i, entry in enumerate(data["images"]):
         try:
@@ -63,15 +80,15 @@ def load_karpathy_json(path: str | Path, image_root: str | Path, split: str = "t
             name = entry["filename"]
             sentences = [s["raw"].strip() for s in entry["sentences"]]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: images[{i}] lacks {e} (needs filename, split, sentences[].raw)") from None
+            raise DataFileError(f"{path}: images[{i}] lacks {e} (needs filename, split, sentences[].raw)") from None
         if not sentences:
-            raise ValueError(f"{path}: images[{i}] ({name}) has no sentences")
+            raise DataFileError(f"{path}: images[{i}] ({name}) has no sentences")
         folder = image_root / entry["filepath"] if entry.get("filepath") else image_root
         owners += [len(images)] * len(sentences)
         captions += sentences
         images.append(folder / name)
     if not images:
-        raise ValueError(f"{path}: no images with split {split!r}")
+        raise DataFileError(f"{path}: no images with split {split!r}")
     return CaptionSet(images, captions, np.asarray(owners, dtype=np.int64), path)
 
 
@@ -80,29 +97,32 @@ def load_caption_csv(
 ) -> CaptionSet:
     """Read a CSV with one (image, caption) pair a row; rows of the same image are grouped (first-seen order).
 
-    Image paths are relative to ``image_root`` (absolute paths are kept).
+    Image paths are relative to ``image_root`` (absolute paths are kept). A row with more fields than the header
+    (a caption with an unquoted comma) is a :class:`~florence.data.errors.DataFileError` naming the file and line,
+    never a caption cut at the comma.
     """
     path, image_root = Path(path), Path(image_root)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: caption file not found")
+        raise DataNotFound(f"{path}: caption file not found")
     index: dict[str, int] = {}
     images, captions, owners = [], [], []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {image_column, caption_column} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; has {reader.fieldnames}")
-        for row_number, row in enumerate(reader, start=2):
+            raise DataFileError(f"{path}: missing column(s) {sorted(missing)}; has {reader.fieldnames}")
+        for row in reader:
+            check_row_width(row, reader, path)
             image, caption = (row[image_column] or "").strip(), (row[caption_column] or "").strip()
             if not image or not caption:
-                raise ValueError(f"{path}:{row_number}: empty {image_column!r} or {caption_column!r}")
+                raise DataFileError(f"{path}:{reader.line_num}: empty {image_column!r} or {caption_column!r}")
             if image not in index:
                 index[image] = len(images)
                 images.append(image_root / image)
             owners.append(index[image])
             captions.append(caption)
     if not images:
-        raise ValueError(f"{path}: no rows")
+        raise DataFileError(f"{path}: no rows")
     return CaptionSet(images, captions, np.asarray(owners, dtype=np.int64), path)
 
 
@@ -141,6 +161,13 @@ def recall_at_k(
     for k in ks:
         metrics[f"text_to_image_R@{k}"] = float(t2i_hit[:, :k].any(axis=1).mean())
     return metrics
+
+
+def trivial_recall_metrics(num_images: int, num_captions: int, ks: Sequence[int] = KS) -> list[str]:
+    """Names of the R@K metrics that are 1.0 whatever the model: K at least the number of candidates ranked (captions
+    for image->text, images for text->image). Results list them so a reader does not take them for a signal."""
+    trivial = [f"image_to_text_R@{k}" for k in ks if k >= num_captions]
+    return trivial + [f"text_to_image_R@{k}" for k in ks if k >= num_images]
 
 
 @torch.no_grad()

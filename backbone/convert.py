@@ -6,13 +6,17 @@ and returns a :class:`LoadReport`.
 
 Formats:
 
-- ``"timm"``: ``timm.models.swin_transformer.SwinTransformer`` keys. Our parameter names are timm's, so only the
-  classifier (``head.*``) and the non-persistent buffers are dropped.
+- ``"timm"``: ``timm.models.swin_transformer.SwinTransformer`` keys. Our parameter names are timm's (classifier
+  included: ``head.fc``), so only the non-persistent buffers are dropped.
 - ``"microsoft"``: the official Swin repository layout (UniCL and DynamicHead checkpoints use it). It puts patch
   merging at the *end* of a stage (``layers.0.downsample`` exists), timm and we at the *start* of the next one, so
-  ``layers.N.downsample.*`` becomes ``layers.N+1.downsample.*``; ``head.*``, ``relative_position_index`` and
-  ``attn_mask`` buffers are dropped (timm's ``checkpoint_filter_fn`` does the same).
+  ``layers.N.downsample.*`` becomes ``layers.N+1.downsample.*`` and the classifier ``head.*`` becomes ``head.fc.*``;
+  ``relative_position_index`` and ``attn_mask`` buffers are dropped (timm's ``checkpoint_filter_fn`` does the same).
 - ``"florence"``: our own layout (what ``state_dict()`` gives), loaded as is.
+
+Classifier: the checkpoint's ``head.fc.*`` loads into the model's classifier when the model has one of the same
+shape (same class count); otherwise (no classifier, or another class count) the checkpoint's head is listed in
+``skipped`` and the model's classifier, if any, keeps its fresh initialisation (``newly_initialized``).
 
 Loading a Swin checkpoint (timm / microsoft) into a CoSwin with convolutional embeddings (``embed="conv"``): the
 transformer blocks and the final norm load; Swin's patch embedding and patch-merging keys cannot (different
@@ -140,10 +144,12 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 
 def microsoft_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official Swin keys -> timm keys: ``layers.N.downsample`` -> ``layers.N+1.downsample`` (other names agree)."""
+    """Official Swin keys -> timm keys: ``layers.N.downsample`` -> ``layers.N+1.downsample``, ``head`` ->
+    ``head.fc`` (other names agree)."""
     out = {}
     for k, v in state.items():
-        out[re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)] = v
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)
+        out[re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)] = v
     return out
 
 
@@ -179,16 +185,18 @@ def load_image_tower_weights(
     if format == "microsoft":
         state = microsoft_to_timm(state)
 
-    dropped = {k for k in state if k.endswith(_BUFFERS) or k.startswith("head.")}
+    own = model.state_dict()
+    head_fits = all(k in own and own[k].shape == v.shape for k, v in state.items() if k.startswith("head."))
+    dropped = {k for k in state if k.endswith(_BUFFERS) or (k.startswith("head.") and not head_fits)}
     skipped += dropped
     state = {k: v for k, v in state.items() if k not in dropped}
-    own = model.state_dict()
+    # a classifier the checkpoint does not fill (headless checkpoint, or another class count) starts fresh
+    newly_initialized = [k for k in own if k.startswith("head.") and k not in state]
     swin_source_into_conv = format != "florence" and model.embed == "conv"
-    newly_initialized: list[str] = []
     if swin_source_into_conv:
         skipped += [k for k in state if _EMBED_KEY.match(k)]
         state = {k: v for k, v in state.items() if not _EMBED_KEY.match(k)}
-        newly_initialized = [k for k in own if _EMBED_KEY.match(k)]
+        newly_initialized += [k for k in own if _EMBED_KEY.match(k)]
 
     resized, mismatched, loadable = [], [], {}
     for k, v in state.items():

@@ -138,6 +138,11 @@ class TextTower(nn.Module):
             return bool(encoder.is_activation_checkpointing)
         return bool(encoder.is_gradient_checkpointing)
 
+    def fsdp_wrap_modules(self) -> list[nn.Module]:
+        """FSDP2 units: the encoder's transformer layers, as transformers declares them (``_no_split_modules``)."""
+        names = set(getattr(self.encoder, "_no_split_modules", None) or ())
+        return [m for m in self.encoder.modules() if type(m).__name__ in names and any(True for _ in m.parameters())]
+
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this tower) of biases and normalisation weights: every parameter with ndim <= 1."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1}

@@ -27,6 +27,9 @@ from torch import nn
 
 from florence.backbone.text_tower import TextTower
 from florence.bundle import BundleMixin
+from florence.factory import create_model
+from florence.registry import register_architecture
+from florence.tokenizer import load_tokenizer, tokenize
 
 _CONFIG_KEYS = ("name", "image", "text", "embed_dim", "context_length", "preprocess")
 _PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
@@ -49,6 +52,7 @@ class UniCLOutput:
     logit_scale: torch.Tensor
 
 
+@register_architecture("unicl")
 class UniCLModel(BundleMixin, nn.Module):
     """Image tower -> ``image_projection`` (8C -> D, no bias); text tower (with its own projection);
     shared learnable ``logit_scale`` (log of the multiplier).
@@ -100,6 +104,35 @@ class UniCLModel(BundleMixin, nn.Module):
         return {**self._config, "text": self.text_encoder.hf_config, "embed_dim": self.embed_dim,
                 "context_length": self.context_length, "preprocess": dict(self.preprocess)}
 
+    # -- architecture registry (florence.registry): named JSON configs and bundles -----------------------------
+
+    default_weight_format = "florence"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer=None) -> "UniCLModel":
+        return build_unicl(config, tokenizer=tokenizer)
+
+    def bundle_config(self) -> dict[str, Any]:
+        return self.config
+
+    @classmethod
+    def from_bundle_config(cls, config: dict[str, Any], preprocess: dict[str, Any], directory) -> "UniCLModel":
+        tokenizer_dir = directory / "tokenizer" if directory is not None else None
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else None
+        return build_unicl({**config, "preprocess": preprocess}, tokenizer=tokenizer)
+
+    def save_bundle_files(self, directory) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory / "tokenizer"))
+
+    def image_tower(self) -> nn.Module:
+        """The image encoder (a composite model built on this bundle takes it with ``backbone=``)."""
+        return self.image_encoder
+
+    def load_foreign_weights(self, src, *, format: str, strict: bool = True):
+        """A Swin checkpoint in a foreign layout ("timm", "microsoft") goes into the image tower."""
+        return self.image_encoder.load_foreign_weights(src, format=format, strict=strict)
+
     # -- encoders ----------------------------------------------------------------------------------------------
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -139,8 +172,6 @@ class UniCLModel(BundleMixin, nn.Module):
             raise RuntimeError(
                 "UniCLModel has no tokenizer attached: pass tokenizer= (a directory or a transformers tokenizer) to "
                 "create_model/build_unicl, or set model.tokenizer = florence.tokenizer.load_tokenizer(dir)")
-        from florence.tokenizer import tokenize
-
         return tokenize(self.tokenizer, texts, self.context_length)
 
     # -- training helpers --------------------------------------------------------------------------------------
@@ -148,6 +179,11 @@ class UniCLModel(BundleMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.image_encoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
+
+    def fsdp_wrap_modules(self) -> list[nn.Module]:
+        """FSDP2 units, innermost first: each tower's blocks, then the towers."""
+        return [*self.image_encoder.fsdp_wrap_modules(), *self.text_encoder.fsdp_wrap_modules(),
+                self.image_encoder, self.text_encoder]
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names trained without weight decay: biases and norm weights (every ndim <= 1 parameter, which
@@ -181,8 +217,6 @@ def _check_config(config: dict[str, Any]) -> None:
 
 
 def _resolve_tokenizer(tokenizer, text_config: dict[str, Any]):
-    from florence.tokenizer import load_tokenizer
-
     if isinstance(tokenizer, (str, os.PathLike)):
         return load_tokenizer(tokenizer)
     if tokenizer is None and "pretrained" in text_config:
@@ -210,8 +244,9 @@ def build_unicl(config: dict[str, Any], tokenizer=None) -> UniCLModel:
         tokenizer: a transformers tokenizer, a local tokenizer directory, or None (then, for a pretrained text
             tower whose directory holds tokenizer files, that tokenizer is loaded).
     """
-    from florence.factory import create_model
-
+    if config.get("architecture", "unicl") != "unicl":
+        raise KeyError(f"UniCL config: architecture {config['architecture']!r} is not 'unicl'")
+    config = {k: v for k, v in config.items() if k != "architecture"}  # a named config file states it
     _check_config(config)
     embed_dim = int(config.get("embed_dim", 512))
     context_length = int(config.get("context_length", 77))

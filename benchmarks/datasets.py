@@ -41,12 +41,19 @@ import torch
 from torch.utils.data import Dataset
 
 from florence.benchmarks import classnames as names
+from florence.data.errors import DataNotFound
+from florence.data.images import decode_image
+from florence.errors import FlorenceError
 
 Transform = Callable  # PIL image -> FloatTensor (3, H, W)
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(DataNotFound):
     """A dataset file or folder is missing under the data root; the message names the path and the layout."""
+
+
+class DatasetError(FlorenceError, ValueError):
+    """A dataset name, class-name list or distribution that cannot be evaluated; the message says which and why."""
 
 
 @dataclass
@@ -136,10 +143,15 @@ def _torchvision_reader(cls_name: str, folder: str, split_names: dict[str, str],
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
-        if cls_name in ("CIFAR10", "CIFAR100"):
-            ds = cls(str(root), train=split == "train", transform=transform, download=False, **kwargs)
-        else:
-            ds = cls(str(root), split=split_names[split], transform=transform, download=False, **kwargs)
+        try:
+            if cls_name in ("CIFAR10", "CIFAR100"):
+                ds = cls(str(root), train=split == "train", transform=transform, download=False, **kwargs)
+            else:
+                ds = cls(str(root), split=split_names[split], transform=transform, download=False, **kwargs)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+            raise DatasetNotFound(f"{root / folder}: torchvision {cls_name} cannot read the {split} split "
+                                  f"({str(err).split('.')[0]}); florence reads local files only and downloads "
+                                  "nothing") from None
         return EvalSplit(ds, _labels_of(ds), fix_names(list(ds.classes)), [root / folder])
 
     return read
@@ -148,14 +160,15 @@ def _torchvision_reader(cls_name: str, folder: str, split_names: dict[str, str],
 def _fixed_names(classnames: tuple[str, ...]):
     def fix(found: list[str]) -> list[str]:
         if len(found) != len(classnames):
-            raise ValueError(f"expected {len(classnames)} classes, the files list {len(found)}")
+            raise DatasetError(f"expected {len(classnames)} classes, the files list {len(found)}")
         return list(classnames)
 
     return fix
 
 
 class ImageList(Dataset):
-    """Images from a list of paths with targets; decoded with ``florence.data.images.decode_image``."""
+    """Images from a list of paths with targets; decoded with ``florence.data.images.decode_image`` (an unusable file
+    raises ``BadSample`` naming it: the evaluation's bad-sample policy applies)."""
 
     def __init__(self, paths: list[Path], targets: np.ndarray, transform: Transform):
         self.paths, self.targets, self.transform = paths, targets, transform
@@ -164,9 +177,18 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from florence.data.images import decode_image
-
         return self.transform(decode_image(self.paths[i])), torch.as_tensor(self.targets[i])
+
+
+def image_folder(folder: Path, transform: Transform, what: str):
+    """``torchvision.datasets.ImageFolder`` over ``folder`` whose images are read with ``decode_image`` (any mode
+    becomes RGB; a corrupt or empty file is a ``BadSample`` naming it). ``what`` names the dataset in errors."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=decode_image)
+    except FileNotFoundError as err:  # no class folders, or no image files in them
+        raise DatasetNotFound(f"{what}: {folder}: {err}") from None
 
 
 def _per_class_split(labels: np.ndarray, first: int, second: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,10 +206,8 @@ def _folder_reader(folder: str, train_per_class: int, test_per_class: int | None
     """Distributions without official splits (Caltech-101, SUN397): a seeded per-class train/test split."""
 
     def read(root: Path, split: str, transform: Transform) -> EvalSplit:
-        from torchvision.datasets import ImageFolder
-
         base = root / folder
-        ds = ImageFolder(str(base), transform=transform)
+        ds = image_folder(base, transform, folder)
         labels = np.asarray(ds.targets, dtype=np.int64)
         train_idx, test_idx = _per_class_split(labels, train_per_class, test_per_class, seed=0)
         idx = train_idx if split == "train" else test_idx
@@ -224,7 +244,7 @@ def _voc2007_reader(root: Path, split: str, transform: Transform) -> EvalSplit:
         if image_ids is None:
             image_ids = ids
         elif ids != image_ids:
-            raise ValueError(f"{path}: image list differs from {names.VOC2007_CATEGORIES[0]}_{split}.txt")
+            raise DatasetError(f"{path}: image list differs from {names.VOC2007_CATEGORIES[0]}_{split}.txt")
         columns.append([{"1": 1, "-1": 0, "0": -1}[r[1]] for r in rows])
     targets = np.asarray(columns, dtype=np.int64).T  # N, 20
     paths = [base / "JPEGImages" / f"{i}.jpg" for i in image_ids]
@@ -236,44 +256,40 @@ def imagenet_classnames(path: str | Path | None = None) -> list[str]:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: class-name file not found")
+            raise DatasetNotFound(f"{path}: class-name file not found")
         found = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     else:
         try:
             from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
         except ImportError:
-            raise RuntimeError(
+            raise DatasetError(
                 "ImageNet class names: install open_clip (pip install open-clip-torch) for CLIP's curated names, "
                 "or pass --classnames FILE with 1000 names, one a line, in wnid order"
             ) from None
         found = list(IMAGENET_CLASSNAMES)
     if len(found) != 1000:
-        raise ValueError(f"ImageNet-1K needs 1000 class names, got {len(found)}")
+        raise DatasetError(f"ImageNet-1K needs 1000 class names, got {len(found)}")
     return found
 
 
 def _imagenet_reader(classnames_file: str | Path | None):
     def read(root: Path, split: str, transform: Transform) -> EvalSplit:
-        from torchvision.datasets import ImageFolder
-
         folder = root / ("train" if split == "train" else "val")
         if not folder.is_dir():
             raise DatasetNotFound(f"imagenet: missing {folder} (class folders named by wnid)")
-        ds = ImageFolder(str(folder), transform=transform)
+        ds = image_folder(folder, transform, "imagenet")
         if len(ds.classes) != 1000:
-            raise ValueError(f"{folder}: expected 1000 wnid folders, found {len(ds.classes)}")
+            raise DatasetError(f"{folder}: expected 1000 wnid folders, found {len(ds.classes)}")
         return EvalSplit(ds, np.asarray(ds.targets, dtype=np.int64), imagenet_classnames(classnames_file), [folder])
 
     return read
 
 
 def _imagefolder_reader(root: Path, split: str, transform: Transform) -> EvalSplit:
-    from torchvision.datasets import ImageFolder
-
     folder = root / split
     if not folder.is_dir():
         raise DatasetNotFound(f"imagefolder: missing {folder} (expected <data-root>/{split}/<class>/<image files>)")
-    ds = ImageFolder(str(folder), transform=transform)
+    ds = image_folder(folder, transform, "imagefolder")
     return EvalSplit(ds, np.asarray(ds.targets, dtype=np.int64), _spaced(ds.classes), [folder])
 
 
@@ -359,7 +375,7 @@ def build_specs(imagenet_classnames_file: str | Path | None = None) -> dict[str,
 def get_spec(name: str, imagenet_classnames_file: str | Path | None = None) -> DatasetSpec:
     specs = build_specs(imagenet_classnames_file)
     if name not in specs:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(specs)}")
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(specs)}")
     return specs[name]
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         step("pre-training the dual encoder on Fashion-MNIST")
         config = args.config or str(default_config())
-        code = train.main([config, f"output.dir={run_dir}", "eval.zero_shot=false", *args.overrides])
+        code = train.main([config, f"output.dir={run_dir}", "eval.at_end=false", *args.overrides])
         if code:
             return code
     trained_at = time.perf_counter() - start

@@ -3,15 +3,19 @@
 Layout written by ``save_pretrained(model, dir)``::
 
     dir/
-      config.json        {"format": "florence-bundle/1", "architecture": "unicl" | "image_tower", "model": {...}}
+      config.json        {"format": "florence-bundle/1", "architecture": name, "library_version": ..., "model": {...}}
       model.safetensors  the state dict
       preprocess.json    {"input_size": [3, H, W], "mean": [...], "std": [...], "interpolation": ..., "crop_pct": ...}
-      tokenizer/         transformers tokenizer files (dual encoders with a tokenizer)
+      ...                extra files the architecture writes (``save_bundle_files``), e.g. tokenizer/ of a dual encoder
       manifest.json      {"format": ..., "files": {relative path: sha256}}
 
 ``from_pretrained(dir)`` verifies every file against the manifest first, refuses a bundle without preprocessing, a
 missing file or a hash mismatch (``BundleError`` naming the file), rebuilds the model from ``config.json`` and loads
 the weights strictly from safetensors. Nothing is unpickled.
+
+The architecture name selects the model class (``florence.registry.register_architecture``); the class rebuilds itself
+from the ``model`` section (``from_bundle_config``), so this module knows no model. An architecture no installed module
+registers is a ``BundleError`` naming it.
 """
 from __future__ import annotations
 
@@ -26,12 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from florence import __version__
+from florence.errors import FlorenceError
+from florence.registry import UnknownNameError, get_architecture, get_entrypoint
+
 BUNDLE_FORMAT = "florence-bundle/1"
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocess.json")
 PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
 
 
-class BundleError(ValueError):
+class BundleError(FlorenceError, ValueError):
     """A bundle directory that cannot be trusted or read; the message names the path."""
 
 
@@ -50,14 +58,12 @@ def bundle_sha256(directory: str | Path) -> str:
 
 def _describe(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(architecture, model config, preprocessing) of a model ``save_pretrained`` can write."""
-    from florence.backbone.unicl import UniCLModel
-
-    if isinstance(model, UniCLModel):
-        return "unicl", model.config, dict(model.preprocess)
-    if hasattr(model, "florence_config"):
-        preprocess = getattr(model, "preprocess", None) or model.default_preprocess
-        return "image_tower", model.florence_config, dict(preprocess)
-    raise TypeError(f"{type(model).__name__} was not built by florence.create_model; cannot describe it in a bundle")
+    architecture = getattr(type(model), "architecture", None)
+    if architecture is None:
+        raise TypeError(f"{type(model).__name__} is not a registered architecture (florence.registry."
+                        "register_architecture); cannot describe it in a bundle")
+    preprocess = getattr(model, "preprocess", None) or getattr(model, "default_preprocess", None)
+    return architecture, model.bundle_config(), dict(preprocess or {})
 
 
 def _check_preprocess(preprocess: Any, where: str) -> dict[str, Any]:
@@ -79,14 +85,12 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        (tmp / "config.json").write_text(
-            json.dumps({"format": BUNDLE_FORMAT, "architecture": architecture, "model": config}, indent=2)
-        )
+        header = {"format": BUNDLE_FORMAT, "architecture": architecture, "library_version": __version__}
+        (tmp / "config.json").write_text(json.dumps({**header, "model": config}, indent=2))
         (tmp / "preprocess.json").write_text(json.dumps(preprocess, indent=2))
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer = getattr(model, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if hasattr(model, "save_bundle_files"):
+            model.save_bundle_files(tmp)  # e.g. the tokenizer of a dual encoder
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"format": BUNDLE_FORMAT, "files": {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -147,27 +151,16 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     from safetensors.torch import load_model
 
     directory = Path(directory)
-    manifest = verify_bundle(directory)
+    verify_bundle(directory)
     config = json.loads((directory / "config.json").read_text())
     if config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{directory / 'config.json'}: unknown bundle format {config.get('format')!r}")
     preprocess = _check_preprocess(json.loads((directory / "preprocess.json").read_text()), str(directory / "preprocess.json"))
-    architecture = config.get("architecture")
-    if architecture == "unicl":
-        from florence.backbone.unicl import build_unicl
-        from florence.tokenizer import load_tokenizer
-
-        has_tokenizer = any(rel.startswith("tokenizer/") for rel in manifest["files"])
-        tokenizer = load_tokenizer(directory / "tokenizer") if has_tokenizer else None
-        model = build_unicl({**config["model"], "preprocess": preprocess}, tokenizer=tokenizer)
-    elif architecture == "image_tower":
-        from florence.factory import create_model
-
-        spec = config["model"]
-        model = create_model(spec["name"], **spec.get("overrides", {}))
-        model.preprocess = preprocess
-    else:
-        raise BundleError(f"{directory / 'config.json'}: unknown architecture {architecture!r}")
+    try:
+        cls = get_architecture(config.get("architecture"))
+    except UnknownNameError as err:
+        raise BundleError(f"{directory / 'config.json'}: {err}") from None
+    model = cls.from_bundle_config(config["model"], preprocess, directory)
     missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise BundleError(
@@ -178,7 +171,36 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
 
 
 class BundleMixin:
-    """Gives a model ``save_pretrained(dir)``; ``florence.from_pretrained(dir)`` reads it back."""
+    """Gives a registered architecture ``save_pretrained(dir)``; ``florence.from_pretrained(dir)`` reads it back.
+
+    The class provides ``bundle_config()`` and ``from_bundle_config(config, preprocess, directory)`` (see
+    ``florence.registry``); a model made by ``florence.create_model`` from a registered name gets the defaults below:
+    its config is that name and its overrides, and it rebuilds through ``create_model``.
+    """
+
+    florence_config: dict[str, Any]  # {"name": registered model name, "overrides": {...}}; set by create_model
+    class_names: list[str] | None = None  # label names of a classifier head, kept in the bundle
+
+    def bundle_config(self) -> dict[str, Any]:
+        spec = getattr(self, "florence_config", None)
+        if spec is None:
+            raise TypeError(f"{type(self).__name__} was not built by florence.create_model; cannot describe it in a "
+                            "bundle")
+        config = dict(spec)
+        if self.class_names is not None:
+            config["class_names"] = list(self.class_names)
+        return config
+
+    @classmethod
+    def from_bundle_config(cls, config: dict[str, Any], preprocess: dict[str, Any] | None,
+                           directory: Path | None) -> nn.Module:
+        overrides = dict(config.get("overrides", {}))
+        model = get_entrypoint(config["name"])(**overrides)
+        model.florence_config = {"name": config["name"], "overrides": overrides}
+        model.class_names = config.get("class_names")
+        if preprocess is not None:
+            model.preprocess = dict(preprocess)
+        return model
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_pretrained(self, directory)

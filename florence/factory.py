@@ -1,18 +1,26 @@
-"""Public model entry points: ``create_model``, ``list_models``, ``load_weights``.
+"""Public model entry points: ``create_model``, ``list_models``, ``load_weights``, ``image_tower``.
 
 Two kinds of names:
 
-- image towers (``coswin_tiny``, ``swin_base``, ...) are functions registered with ``@register_model`` in
-  ``florence.backbone.coswin``; overrides are passed to the function;
-- dual encoders (``unicl_test``, ``unicl_coswin_tiny``, ...) are JSON configs in ``florence/configs/models``; overrides
-  replace top-level keys, and a dict override (``image={"drop_path_rate": 0.1}``) updates that section.
+- functions registered with ``@register_model`` (image towers ``coswin_tiny``, ``swin_base``, ...; composite models
+  later); overrides are passed to the function;
+- JSON configs in ``florence/configs/models`` (``unicl_test``, ``unicl_coswin_tiny``, ...): the file names its
+  ``architecture``; overrides replace top-level keys, a dict override (``image={"drop_path_rate": 0.1}``) updates that
+  section, and the architecture's class builds the model (``cls.from_config(config, **extras)``).
 
 ``pretrained`` is a checkpoint bundle directory (``save_pretrained`` output) or a weights file; for a file the format
-is ``pretrained_format`` ("timm", "microsoft" or "florence"; default "timm" for image towers, "florence" otherwise).
+is ``pretrained_format`` ("florence" = our own layout, or a foreign layout the model knows, e.g. "timm" or "microsoft"
+for Swin image towers; default: ``model.default_weight_format``).
+
+``backbone=`` builds a composite model around a pre-trained image tower: a bundle directory (the tower of a dual
+encoder or an image-tower bundle, with its preprocessing) or a tower name; ``image_tower(spec)`` resolves it.
+
+This module knows no model class: registries (``florence.registry``) find them.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 from importlib import resources
 from pathlib import Path
@@ -21,36 +29,33 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from florence.registry import get_entrypoint, registered_names
+from florence.bundle import from_pretrained, read_bundle_state_dict
+from florence.errors import FlorenceError
+from florence.registry import UnknownNameError, get_architecture, get_entrypoint, registered_names
+from florence.weights import LoadReport, read_state_dict
 
-_FORMATS = ("timm", "microsoft", "florence")
-
-
-def _import_model_modules() -> None:
-    import florence.backbone.coswin  # noqa: F401  (registers the image towers)
+FLORENCE_FORMAT = "florence"
 
 
 def _config_dir():
     return resources.files("florence.configs") / "models"
 
 
-def _dual_config_names() -> list[str]:
+def _json_config_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in _config_dir().iterdir() if p.name.endswith(".json"))
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """All model names ``create_model`` accepts (image towers and dual encoders), optionally filtered by fnmatch."""
-    import fnmatch
-
-    _import_model_modules()
-    names = sorted(set(registered_names()) | set(_dual_config_names()))
+    """All model names ``create_model`` accepts, optionally filtered by fnmatch."""
+    names = sorted(set(registered_names()) | set(_json_config_names()))
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def load_dual_config(name: str) -> dict[str, Any]:
+def load_model_config(name: str) -> dict[str, Any]:
+    """The named JSON config (``configs/models/<name>.json``); it names its ``architecture``."""
     path = _config_dir() / f"{name}.json"
     if not path.is_file():
-        raise KeyError(f"unknown model {name!r}; florence.list_models() gives the known names")
+        raise UnknownNameError(f"unknown model {name!r}; florence.list_models() gives the known names")
     return json.loads(path.read_text())
 
 
@@ -65,35 +70,59 @@ def merge_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return merged
 
 
+def image_tower(spec: str | Path | nn.Module, **overrides: Any) -> nn.Module:
+    """A pre-trained image tower: a bundle directory (a dual encoder's ``image_tower()`` or an image-tower bundle,
+    keeping the bundle's preprocessing), a registered tower name (fresh weights) or a module (returned as is).
+
+    ``overrides`` change training settings of the tower's constructor (``drop_path_rate=0.1``): the tower is rebuilt
+    with them and the pre-trained weights loaded strictly into it.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if not Path(spec).is_dir():
+        return create_model(str(spec), **overrides)
+    model = from_pretrained(spec)
+    tower = model.image_tower() if hasattr(model, "image_tower") else model
+    if overrides:
+        base = tower.florence_config
+        rebuilt = create_model(base["name"], **{**base["overrides"], **overrides})
+        rebuilt.load_state_dict(tower.state_dict())
+        tower = rebuilt
+    tower.preprocess = dict(model.preprocess)
+    return tower.train()
+
+
 def create_model(name: str, pretrained: str | Path | None = None, **overrides: Any) -> nn.Module:
     """Build a named model, optionally loading weights.
 
-    Image towers: ``create_model("coswin_tiny", window_size=12, img_size=384)``.
+    Image towers: ``create_model("coswin_tiny", window_size=12, img_size=384, num_classes=10)``.
     Dual encoders: ``create_model("unicl_test", tokenizer="path/to/tokenizer_dir")`` (``tokenizer`` may also be a
     transformers tokenizer object; without one, ``model.tokenize`` raises until one is attached).
+    Composite models: ``create_model("image_classifier", backbone="runs/demo/pretrain/final", num_classes=10)``.
     """
-    _import_model_modules()
     pretrained_format = overrides.pop("pretrained_format", None)
+    if "backbone" in overrides:
+        overrides["backbone"] = image_tower(overrides["backbone"])
     if name in registered_names():
         model = get_entrypoint(name)(**overrides)
-        model.florence_config = {"name": name, "overrides": _jsonable(overrides, name)}
-        default_format = "timm"
+        if getattr(model, "florence_config", None) is None:  # composites set their own (the tower, not the path)
+            model.florence_config = {"name": name, "overrides": _jsonable(overrides, name)}
     else:
-        from florence.backbone.unicl import build_unicl
-
-        tokenizer = overrides.pop("tokenizer", None)
-        config = merge_overrides(load_dual_config(name), overrides)
+        config = load_model_config(name)
+        extras = {k: overrides.pop(k) for k in list(overrides) if k in ("tokenizer", "backbone")}
+        config = merge_overrides(config, overrides)
+        architecture = config.pop("architecture", None)
+        if architecture is None:
+            raise FlorenceError(f"configs/models/{name}.json: no 'architecture' key")
         config["name"] = name
-        model = build_unicl(config, tokenizer=tokenizer)
-        default_format = "florence"
+        model = get_architecture(architecture).from_config(config, **extras)
     if pretrained is not None:
         path = Path(pretrained)
         if path.is_dir():
-            from florence.bundle import read_bundle_state_dict
-
-            load_weights(model, read_bundle_state_dict(path), format="florence")
+            load_weights(model, read_bundle_state_dict(path), format=FLORENCE_FORMAT)
         else:
-            load_weights(model, path, format=pretrained_format or default_format)
+            load_weights(model, path, format=pretrained_format or getattr(model, "default_weight_format",
+                                                                          FLORENCE_FORMAT))
     return model
 
 
@@ -104,23 +133,18 @@ def _jsonable(overrides: Mapping[str, Any], name: str) -> dict[str, Any]:
         raise TypeError(f"overrides of {name!r} must be JSON values (they are saved in bundles): {e}") from None
 
 
-def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor], format: str = "florence", strict: bool = True):
-    """Load weights explicitly and return a ``LoadReport`` (loaded / missing / unexpected / newly initialised / resized).
+def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor], format: str = FLORENCE_FORMAT,
+                 strict: bool = True) -> LoadReport:
+    """Load weights explicitly and return a ``LoadReport`` (loaded / missing / unexpected / new / resized / skipped).
 
     - ``format="florence"``: our own key layout for the whole model (what ``save_pretrained`` writes).
-    - ``format="timm"`` / ``"microsoft"``: a Swin state dict in timm's or the official Microsoft layout (UniCL and
-      DynamicHead checkpoints); for a dual encoder it goes into ``model.image_encoder``.
+    - any other format: the model's own converter, ``model.load_foreign_weights(src, format=..., strict=...)``
+      (Swin image towers and the models holding one read "timm" and "microsoft" layouts).
     """
-    from florence.backbone.convert import LoadReport, load_image_tower_weights, read_state_dict
-    from florence.backbone.coswin import CoSwin
-
-    if format not in _FORMATS:
-        raise ValueError(f"format must be one of {_FORMATS}, got {format!r}")
-    if format != "florence":
-        tower = model if isinstance(model, CoSwin) else getattr(model, "image_encoder", None)
-        if not isinstance(tower, CoSwin):
-            raise TypeError(f"format={format!r} loads a Swin/CoSwin image tower; {type(model).__name__} has none")
-        return load_image_tower_weights(tower, src, format=format, strict=strict)
+    if format != FLORENCE_FORMAT:
+        if not hasattr(model, "load_foreign_weights"):
+            raise TypeError(f"{type(model).__name__} reads only format={FLORENCE_FORMAT!r} weights, not {format!r}")
+        return model.load_foreign_weights(src, format=format, strict=strict)
     state = read_state_dict(src)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state)
@@ -134,5 +158,6 @@ def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor],
     loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
     model.load_state_dict(loadable, strict=False)
     return LoadReport(
-        loaded=sorted(loadable), missing=missing, unexpected=sorted(unexpected + mismatched), newly_initialized=missing, resized=[]
+        loaded=sorted(loadable), missing=missing, unexpected=sorted(unexpected + mismatched), newly_initialized=missing,
+        resized=[],
     )

@@ -1,29 +1,147 @@
-"""Name -> model entry point, filled by ``@register_model`` at each definition site (timm style).
+"""The library's registries, filled at each definition site (timm style) and found through entry points.
 
-A plain dict: ``create_model("coswin_tiny")`` looks the function up and calls it with the overrides.
+- **Model names** (``@register_model``): name -> a function that builds the model from keyword overrides
+  (``create_model("coswin_tiny", window_size=12)``).
+- **Architectures** (``@register_architecture("unicl")`` on a model class): how a bundle's ``config.json`` rebuilds
+  a model. The class implements ``bundle_config(self) -> dict`` (JSON-able) and the classmethod
+  ``from_bundle_config(config, preprocess, directory) -> nn.Module`` (``directory`` is the verified bundle, for extra
+  files such as a tokenizer; None when building from a named JSON config); optionally ``save_bundle_files(self,
+  directory)`` to write those extra files.
+- **Tasks** (``@register_task("classify")`` on a ``florence.engine.task.Task`` subclass): what ``florence train``
+  runs for a config's ``task:`` key.
+
+The core never imports the modules that define models or tasks. They announce themselves as Python entry points of
+the distribution (``pyproject.toml``: groups ``florence.models`` and ``florence.tasks``, each entry a module whose
+import registers its names); the first lookup imports them. A third-party package adds its own models and tasks the
+same way, or a config names a task class directly as ``package.module:ClassName``.
 """
 from __future__ import annotations
 
+import importlib
+from importlib.metadata import entry_points
 from typing import Callable
 
+from florence.errors import FlorenceError
+
+MODEL_GROUP = "florence.models"
+TASK_GROUP = "florence.tasks"
+
 _ENTRYPOINTS: dict[str, Callable] = {}
+_ARCHITECTURES: dict[str, type] = {}
+_TASKS: dict[str, type] = {}
+_LOADED: set[str] = set()
+
+
+class UnknownNameError(FlorenceError, KeyError):
+    """A model, architecture or task name that no installed module registers."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def load_plugins(group: str) -> None:
+    """Import every module announced under the entry-point ``group`` (once per process)."""
+    if group in _LOADED:
+        return
+    _LOADED.add(group)
+    found = entry_points(group=group)
+    if not found:
+        raise FlorenceError(f"no {group} entry points are installed: the package metadata is stale (an old "
+                            "*.egg-info in the working directory?); reinstall with `pip install -e .`")
+    for ep in found:
+        ep.load()
+
+
+def _register(table: dict, kind: str, name: str, obj) -> None:
+    if name in table and table[name] is not obj:
+        raise ValueError(f"{kind} name {name!r} registered twice ({table[name]!r} and {obj!r})")
+    table[name] = obj
+
+
+# -- model names ------------------------------------------------------------------------------------------------
 
 
 def register_model(fn: Callable) -> Callable:
     """Register ``fn`` under its own ``__name__``; the function builds the model from keyword overrides."""
-    name = fn.__name__
-    if name in _ENTRYPOINTS and _ENTRYPOINTS[name] is not fn:
-        raise ValueError(f"model name {name!r} registered twice")
-    _ENTRYPOINTS[name] = fn
+    _register(_ENTRYPOINTS, "model", fn.__name__, fn)
     return fn
 
 
 def get_entrypoint(name: str) -> Callable:
+    load_plugins(MODEL_GROUP)
     try:
         return _ENTRYPOINTS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; florence.list_models() gives the known names") from None
+        raise UnknownNameError(f"unknown model {name!r}; florence.list_models() gives the known names") from None
 
 
 def registered_names() -> list[str]:
+    load_plugins(MODEL_GROUP)
     return sorted(_ENTRYPOINTS)
+
+
+# -- architectures ----------------------------------------------------------------------------------------------
+
+
+def register_architecture(name: str) -> Callable[[type], type]:
+    """Class decorator: ``name`` is written into bundles of this class and rebuilds them."""
+
+    def decorate(cls: type) -> type:
+        for method in ("bundle_config", "from_bundle_config"):
+            if not callable(getattr(cls, method, None)):
+                raise TypeError(f"architecture {name!r}: {cls.__name__} lacks {method}()")
+        _register(_ARCHITECTURES, "architecture", name, cls)
+        cls.architecture = name
+        return cls
+
+    return decorate
+
+
+def get_architecture(name: str) -> type:
+    load_plugins(MODEL_GROUP)
+    try:
+        return _ARCHITECTURES[name]
+    except KeyError:
+        known = ", ".join(sorted(_ARCHITECTURES)) or "none"
+        raise UnknownNameError(f"unknown architecture {name!r} (installed: {known}); is the package that defines "
+                               "it installed?") from None
+
+
+def architecture_names() -> list[str]:
+    load_plugins(MODEL_GROUP)
+    return sorted(_ARCHITECTURES)
+
+
+# -- tasks ------------------------------------------------------------------------------------------------------
+
+
+def register_task(name: str) -> Callable[[type], type]:
+    """Class decorator for a ``florence.engine.task.Task`` subclass: ``task: name`` in a run config selects it."""
+
+    def decorate(cls: type) -> type:
+        _register(_TASKS, "task", name, cls)
+        cls.name = name
+        return cls
+
+    return decorate
+
+
+def get_task(name: str) -> type:
+    """A task class by registered name, or by ``package.module:ClassName``."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise UnknownNameError(f"task {name!r}: cannot import it ({err})") from None
+    load_plugins(TASK_GROUP)
+    try:
+        return _TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(_TASKS)) or "none"
+        raise UnknownNameError(f"unknown task {name!r} (known: {known}, or package.module:ClassName)") from None
+
+
+def task_names() -> list[str]:
+    load_plugins(TASK_GROUP)
+    return sorted(_TASKS)

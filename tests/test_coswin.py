@@ -1,6 +1,8 @@
 """CoSwin / Swin image tower: parity with timm, geometry helpers, padding, attention paths, checkpointing."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,16 +34,32 @@ def _timm_weights(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _assert_timm_parity(reference: torch.nn.Module, ours: CoSwin, x: torch.Tensor) -> None:
+    """forward_features (NHWC), forward_head with and without the classifier, forward, forward_intermediates
+    (the other forward_intermediates options are checked on a small model in test_backbone_contract.py)."""
     ours.load_state_dict(_timm_weights(reference), strict=True)
+    classifier = copy.deepcopy(ours)
+    classifier.reset_classifier(reference.num_classes)
+    classifier.load_state_dict(reference.state_dict(), strict=True)  # head.fc: timm's names, no mapping
     with torch.no_grad():
-        pooled = reference.forward_head(reference.forward_features(x), pre_logits=True)
-        maps = reference.forward_intermediates(x, intermediates_only=True)
+        features = reference.forward_features(x)  # B, H/32, W/32, 8C
+        pooled = reference.forward_head(features, pre_logits=True)
+        logits = reference.forward_head(features)  # timm's forward(x)
+        final, maps = reference.forward_intermediates(x)
         for fused in (True, False):
-            ours.fused_attn = fused
-            torch.testing.assert_close(ours(x), pooled, atol=1e-5, rtol=0)
-            for mine, theirs in zip(ours.forward_intermediates(x), maps, strict=True):
-                assert mine.shape == theirs.shape
-                torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+            ours.fused_attn = classifier.fused_attn = fused
+            mine = ours.forward_features(x)
+            assert mine.shape == features.shape == (x.shape[0], x.shape[2] // 32, x.shape[3] // 32, 768)
+            torch.testing.assert_close(mine, features, atol=1e-5, rtol=0)
+            torch.testing.assert_close(ours.forward_head(mine, pre_logits=True), pooled, atol=1e-5, rtol=0)
+            torch.testing.assert_close(classifier.forward_head(mine), logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(classifier.forward_head(mine, pre_logits=True), pooled, atol=1e-5, rtol=0)
+            my_final, my_maps = ours.forward_intermediates(x)
+            torch.testing.assert_close(my_final, final, atol=1e-5, rtol=0)
+            for mine_i, theirs in zip(my_maps, maps, strict=True):
+                assert mine_i.shape == theirs.shape
+                torch.testing.assert_close(mine_i, theirs, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x), pooled, atol=1e-5, rtol=0)  # no classifier: the pooled feature
+        torch.testing.assert_close(classifier(x), logits, atol=1e-5, rtol=0)
 
 
 def test_swin_tiny_matches_timm_224():
@@ -68,6 +86,26 @@ def test_swin_parameter_names_and_counts_equal_timm_without_classifier(name):
     assert {k: tuple(p.shape) for k, p in ours.named_parameters()} == theirs
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for k, p in reference.named_parameters()
                                                           if not k.startswith("head."))
+
+
+def test_swin_classifier_names_equal_timm_and_leave_backbone_init_unchanged():
+    with torch.device("meta"):
+        ours = cs.swin_tiny(num_classes=1000)
+        reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    assert {k: tuple(p.shape) for k, p in ours.named_parameters()} == {
+        k: tuple(p.shape) for k, p in reference.named_parameters()}
+    assert ours.get_classifier() is ours.head.fc
+    torch.manual_seed(0)
+    plain = florence.create_model("coswin_test")
+    after_plain = torch.rand(3)
+    torch.manual_seed(0)
+    with_head = florence.create_model("coswin_test", num_classes=5)
+    assert list(plain.head.parameters()) == [] and isinstance(plain.get_classifier(), torch.nn.Identity)
+    for name, value in plain.state_dict().items():  # the classifier is drawn after the backbone
+        assert torch.equal(with_head.state_dict()[name], value), name
+    torch.manual_seed(0)
+    florence.create_model("coswin_test")
+    assert torch.equal(torch.rand(3), after_plain)  # a headless tower draws nothing beyond its own parameters
 
 
 @pytest.mark.parametrize(
@@ -107,7 +145,7 @@ def test_coswin_stage_shapes_any_size(size, expected):
     model = florence.create_model("coswin_test").eval()
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        maps = model.forward_intermediates(x)
+        maps = model.forward_intermediates(x, intermediates_only=True)
         pooled = model(x)
         single = model(x[1:])
     assert [tuple(m.shape[2:]) for m in maps] == expected
@@ -120,7 +158,7 @@ def test_swin_patch_embed_pads_odd_input():
     torch.manual_seed(0)
     model = cs.swin_tiny(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)).eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.randn(1, 3, 202, 301))
+        maps = model.forward_intermediates(torch.randn(1, 3, 202, 301), intermediates_only=True)
     assert [tuple(m.shape[2:]) for m in maps] == [(51, 76), (26, 38), (13, 19), (7, 10)]
 
 
@@ -128,7 +166,7 @@ def test_swin_patch_embed_pads_odd_input():
 def test_detection_size_800x1216():
     model = florence.create_model("coswin_test").eval()
     with torch.no_grad():
-        maps = model.forward_intermediates(torch.randn(1, 3, 800, 1216))
+        maps = model.forward_intermediates(torch.randn(1, 3, 800, 1216), intermediates_only=True)
     assert [tuple(m.shape[2:]) for m in maps] == [(200, 304), (100, 152), (50, 76), (25, 38)]
 
 
@@ -139,10 +177,10 @@ def test_fused_attention_equals_eager(size):
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         model.set_fused_attn(True)
-        fused = model.forward_intermediates(x) + [model(x)]
+        fused = model.forward_intermediates(x, intermediates_only=True) + [model(x)]
         model.fused_attn = False
         assert not any(m.fused_attn for m in model.modules() if isinstance(m, cs.WindowAttention))
-        eager = model.forward_intermediates(x) + [model(x)]
+        eager = model.forward_intermediates(x, intermediates_only=True) + [model(x)]
     for a, b in zip(fused, eager, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -198,6 +236,38 @@ def test_window_order_is_roll_then_partition_and_inverse_undoes_it():
     assert torch.equal(expected[:, torch.argsort(order)], tokens)
     plain = window_partition(torch.arange(14 * 21).view(1, 14, 21, 1), (7, 7)).flatten()
     assert torch.equal(window_order((14, 21), (7, 7), (0, 0)), plain)
+
+
+def test_window_order_after_shift_is_roll_then_pad_then_partition():
+    x = torch.randn(2, 13, 19, 5)  # window 7: padded to 14 x 21
+    order = window_order((14, 21), (7, 7), (3, 3), roll_size=(13, 19))
+    padded = F.pad(x, (0, 0, 0, 2, 0, 1)).reshape(2, -1, 5)
+    expected = window_partition(F.pad(torch.roll(x, (-3, -3), (1, 2)), (0, 0, 0, 2, 0, 1)), (7, 7)).reshape(2, -1, 5)
+    assert torch.equal(padded[:, order], expected)
+    assert torch.equal(torch.sort(order).values, torch.arange(14 * 21))  # a permutation: the inverse gather exists
+    before = window_order((14, 21), (7, 7), (3, 3))
+    assert not torch.equal(order, before)
+
+
+@pytest.mark.parametrize("padded, window", [((14, 21), (7, 7)), ((4, 21), (4, 7)), ((14, 14), (14, 14)),
+                                            ((7, 7), (7, 7)), ((3, 8), (1, 4)), ((2, 6), (2, 3))])
+def test_identity_partition_is_told_from_sizes(padded, window):
+    order = window_order(padded, window, (0, 0))
+    is_identity = torch.equal(order, torch.arange(order.numel()))
+    assert (cs._token_order(padded, window, (0, 0), None).order is None) == is_identity
+
+
+def test_geometry_cache_key_includes_window_pad():
+    stage = florence.create_model("coswin_test").layers[0]
+    before = stage.geometry(13, 19, torch.device("cpu"))
+    stage.window_pad = "after_shift"
+    after = stage.geometry(13, 19, torch.device("cpu"))
+    assert after is not before and not torch.equal(after.shifted.order, before.shifted.order)
+    torch.testing.assert_close(after.shift_mask, before.shift_mask)  # both label the padded map the same way
+    stage.window_pad = "before_shift"
+    assert stage.geometry(13, 19, torch.device("cpu")) is before
+    with pytest.raises(ValueError, match="window_pad"):
+        CoSwin(window_pad="pad_first")
 
 
 def _reference_block(block: cs.SwinBlock, x: torch.Tensor, geo: cs.WindowGeometry) -> torch.Tensor:
@@ -269,8 +339,20 @@ def test_backbone_contract():
         input_size=[3, 56, 56], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], interpolation="bicubic",
         crop_pct=0.875,
     )
-    rates = [b.drop_path1.p for stage in model.layers for b in stage.blocks]
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for stage in model.layers for b in stage.blocks]
     assert rates == pytest.approx([0.0, 0.075, 0.15, 0.225, 0.3])
+    assert isinstance(model.layers[1].blocks[0].drop_path1, timm.layers.DropPath)
+    assert isinstance(model.layers[0].blocks[0].drop_path1, torch.nn.Identity)  # rate 0, as timm's block
+    assert all(isinstance(m, torch.nn.Identity) for m in cs.coswin_tiny().modules() if "drop_path" in type(m).__name__
+               .lower())
+    for preset in (cs._TINY, cs._SMALL, cs._BASE, cs._LARGE, cs._HUGE):  # drop_path_rate is a training setting
+        assert "drop_path_rate" not in preset
+    with torch.device("meta"):
+        tiny = cs.coswin_tiny()
+        tiny_dp = florence.create_model("coswin_tiny", drop_path_rate=0.2)
+    assert not any(isinstance(m, timm.layers.DropPath) for m in tiny.modules())
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for st in tiny_dp.layers for b in st.blocks] == pytest.approx(
+        [0.2 * i / 11 for i in range(12)])
     assert set(florence.list_models("*swin*")) >= {
         "coswin_test", "coswin_tiny", "coswin_small", "coswin_base", "coswin_large", "coswin_huge",
         "swin_tiny", "swin_small", "swin_base", "swin_large",

@@ -12,7 +12,7 @@ import yaml
 from florence.engine import checkpoint as ckpt
 from florence.engine.config import ConfigError, config_from_dict, load_config, save_config
 from florence.engine.grad_cache import grad_cache_backward
-from florence.engine.optim import WarmupCosine, build_optimizer, cosine_with_warmup, param_groups
+from florence.engine.optim import WarmupDecay, build_optimizer, param_groups, warmup_decay
 from florence.engine.precision import build_precision
 
 BASE = {"model": {"name": "unicl_test"}, "schedule": {"steps": 10}}
@@ -26,6 +26,12 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
     train_bpe_tokenizer([f"a photo of a {w}." for w in WORDS] * 4, out, vocab_size=300)
     return out
+
+
+def _unicl_task():
+    from florence.adapters.pretrain import UniCLTask, UniCLOptions
+
+    return UniCLTask(config_from_dict(BASE), UniCLOptions())
 
 
 def _tiny(tokenizer_dir, **overrides):
@@ -99,14 +105,14 @@ def test_no_weight_decay_groups(unicl_model):
 
 
 def test_cosine_warmup_schedule():
-    f = [cosine_with_warmup(s, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) for s in range(10)]
+    f = [warmup_decay(s, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) for s in range(10)]
     assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0)
     assert f[2] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[2:], f[3:]))
-    assert cosine_with_warmup(10, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_decay(10, total_steps=10, warmup_steps=2, min_lr_ratio=0.1) == pytest.approx(0.1)
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, lr=1.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-    sched = WarmupCosine(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    sched = WarmupDecay(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     seen = []
     for _ in range(10):
         seen.append(opt.param_groups[0]["lr"])
@@ -114,7 +120,7 @@ def test_cosine_warmup_schedule():
         sched.step()
     assert seen == pytest.approx(f)
     state = sched.state_dict()
-    other = WarmupCosine(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    other = WarmupDecay(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
     other.load_state_dict(state)
     assert other.last_epoch == sched.last_epoch
 
@@ -169,7 +175,8 @@ def test_grad_cache_equals_full_batch(unicl_model, dtype):
     batch["images"] = batch["images"].to(dtype)
     full_loss, full = _full_batch_grads(model, loss_fn, batch)
     model.zero_grad(set_to_none=True)
-    loss = grad_cache_backward(model, loss_fn, batch, chunk_size=5, precision=build_precision("fp32", torch.device("cpu")))
+    loss, _ = grad_cache_backward(_unicl_task(), model, batch, chunk_size=5,
+                                  precision=build_precision("fp32", torch.device("cpu")))
     cached = _grads(model)
     assert torch.allclose(loss, full_loss, atol=1e-6)
     assert cached.keys() == full.keys() and "logit_scale" in cached
@@ -199,7 +206,8 @@ def test_grad_cache_replays_dropout(unicl_model_dropout):
     after_ref = torch.rand(1)
     torch.manual_seed(123)
     model.zero_grad(set_to_none=True)
-    loss = grad_cache_backward(model, loss_fn, batch, chunk_size=3, precision=build_precision("fp32", torch.device("cpu")))
+    loss, _ = grad_cache_backward(_unicl_task(), model, batch, chunk_size=3,
+                                  precision=build_precision("fp32", torch.device("cpu")))
     assert torch.rand(1) == after_ref  # RNG continues as after one pass
     cached = _grads(model)
     assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
@@ -210,14 +218,13 @@ def test_grad_cache_replays_dropout(unicl_model_dropout):
 def test_train_step_clamps_logit_scale(unicl_model):
     """After the optimizer step the stored log multiplier is clamped to [0, ln 100] (the model's own
     ``clamp_logit_scale_``; the torchrun DDP/FSDP test covers the wrapped models)."""
-    from florence.backbone.loss import UniCLLoss
     from florence.engine.step import StepContext, train_step
 
     with torch.no_grad():
         unicl_model.logit_scale.fill_(7.0)  # above ln 100 = 4.6; the step (lr 0) does not move it
     opt = build_optimizer(unicl_model, lr=0.0, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-    ctx = StepContext(model=unicl_model, loss_fn=UniCLLoss(), optimizer=opt,
-                      scheduler=WarmupCosine(opt, total_steps=2, warmup_steps=0, min_lr_ratio=0.0),
+    ctx = StepContext(model=unicl_model, task=_unicl_task(), optimizer=opt,
+                      scheduler=WarmupDecay(opt, total_steps=2, warmup_steps=0, min_lr_ratio=0.0),
                       precision=build_precision("fp32", torch.device("cpu")), device=torch.device("cpu"))
     result = train_step(ctx, [_batch(unicl_model, 4)])
     assert result.finite
@@ -241,7 +248,7 @@ def test_checkpoint_keep_last_and_atomic(tmp_path, unicl_model):
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     opt = build_optimizer(unicl_model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
-    sched = WarmupCosine(opt, total_steps=10, warmup_steps=1, min_lr_ratio=0.0)
+    sched = WarmupDecay(opt, total_steps=10, warmup_steps=1, min_lr_ratio=0.0)
     (tmp_path / "checkpoints" / ".tmp_step_00000009").mkdir(parents=True)  # a save killed half-way
     for step in (1, 2, 3):
         ckpt.save_checkpoint(tmp_path, step=step, model=unicl_model, optimizer=opt, scheduler=sched, scaler=None,

@@ -179,7 +179,7 @@ def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
     cfg = config_from_dict(tiny_config(image_folder, tmp_path / "nan", checkpoint={"every_steps": None},
                                        optim={"max_nonfinite_in_a_row": 2}))
     state = setup(cfg)
-    state.ctx.loss_fn = _NaNOnCalls(state.ctx.loss_fn, bad_calls={2, 4})
+    state.task.loss_fn = _NaNOnCalls(state.task.loss_fn, bad_calls={2, 4})
     before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
     losses = fit(state, stop_after_steps=2)
     assert math.isfinite(losses[1]) and math.isnan(losses[2])
@@ -191,7 +191,7 @@ def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
 
     state = setup(config_from_dict(tiny_config(image_folder, tmp_path / "nan2", checkpoint={"every_steps": None},
                                                optim={"max_nonfinite_in_a_row": 2})))
-    state.ctx.loss_fn = _NaNOnCalls(state.ctx.loss_fn, bad_calls={"all"})
+    state.task.loss_fn = _NaNOnCalls(state.task.loss_fn, bad_calls={"all"})
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
         fit(state)
 
@@ -229,13 +229,13 @@ def test_cli_main_with_overrides(image_folder, tmp_path):
     # 0.5 epochs of 32 images at global batch 8 -> 2 steps
     source = f"{{type: image_folder, path: {image_folder}}}"
     assert main([str(path), "schedule.steps=null", "schedule.epochs=0.5", "checkpoint.every_steps=null",
-                 "eval.zero_shot=true", f"eval.source={source}"]) == 0
+                 f"eval.source={source}"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2]
     assert (tmp_path / "cli" / "final" / "model.safetensors").is_file()
-    record = json.loads((tmp_path / "cli" / "zero_shot.json").read_text())
-    accuracy = record["top1"]
+    record = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    accuracy = record["metrics"]["top1"]
     assert 0.0 <= accuracy <= 1.0 and accuracy * 32 == round(accuracy * 32)  # 32 images scored
-    assert record["images"] == 32 and accuracy <= record["top5"] == 1.0  # 4 classes: top-5 is every class
+    assert record["task"] == "unicl" and accuracy <= record["metrics"]["top5"] == 1.0  # 4 classes: top-5 = all
     assert main([str(path), "optim.learning_rate=1"]) == 2  # unknown key: clear error, no run
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import florence
 from florence.backbone.loss import UniCLLoss
 from florence.backbone.unicl import UniCLModel, UniCLOutput, build_unicl
-from florence.factory import load_dual_config
+from florence.factory import load_model_config
 from florence.tokenizer import train_bpe_tokenizer
 
 TEXTS = ["a photo of a cat.", "a photo of a dog.", "a sketch of a horse.", "a blurry photo of a truck."]
@@ -153,7 +153,7 @@ def test_no_weight_decay_names(model):
 
 
 def test_bad_configs_raise(tokenizer):
-    base = load_dual_config("unicl_test")
+    base = load_model_config("unicl_test")
     with pytest.raises(KeyError, match="unknown keys.*'embed_size'"):
         build_unicl({**base, "embed_size": 8})
     with pytest.raises(KeyError, match="model_type"):
@@ -174,7 +174,7 @@ def test_named_configs(name):
     the meta device so no weights are allocated)."""
     from florence.backbone.text_tower import TextTower
 
-    config = load_dual_config(name)
+    config = load_model_config(name)
     assert config["image"]["model"] == name.replace("unicl_", "") and config["embed_dim"] == 512
     assert config["text"]["model_type"] == "roberta" and config["text"]["vocab_size"] == 50265
     assert config["text"]["max_position_embeddings"] == 514 and "UNVERIFIED" in config["_comment"]

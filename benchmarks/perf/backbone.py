@@ -1,24 +1,26 @@
-"""Image-tower speed on CPU: our Swin-T vs timm's, fused vs eager attention, 224 vs 448, bf16 vs fp32.
+"""Image-tower speed: our Swin-T vs timm's, fused vs eager attention, 224 vs 448, bf16 vs fp32, on CPU or CUDA.
 
-Run: ``python -m florence.benchmarks.perf.backbone --threads 2`` (defaults: batch 8, 224 px, 1 warm-up round,
-5 timed rounds). Every case runs once per round, rounds interleave the cases (so background load hits all of them
-alike) and the table reports the median. Our ``swin_tiny`` carries timm's random weights (loaded with
-``load_image_tower_weights``), all cases see the same input. FLOPs are counted with
+Run: ``python -m florence.benchmarks.perf.backbone [--device cuda] [--threads 2]`` (defaults: cuda when available,
+batch 8, 224 px, 1 warm-up round, 5 timed rounds). Every case runs once per round, rounds interleave the cases (so
+background load hits all of them alike) and the table reports the median. Our ``swin_tiny`` carries timm's random
+weights (loaded with ``load_image_tower_weights``), all cases see the same input. FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; a multiply-add is 2 FLOPs), and
-achieved GFLOP/s is compared with a large matmul of the same dtype timed in the same run.
+achieved FLOP/s is compared with a large matmul of the same dtype timed on the same device in the same run
+(``common.py``). Small ``--batch/--size/--rounds/--warmup/--peak-size`` values make a seconds-long smoke run.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from florence.benchmarks.perf.common import (
+    add_device_arguments, autocast, count_flops, default_peak_size, describe, markdown_table, measure_peaks,
+    num, peak_line, resolve_device, si, timed, write_json,
+)
 
 
 @dataclass
@@ -44,38 +46,28 @@ class Row:
     peak_fraction: float
 
 
-def count_gflop(fn: Callable[[], None]) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+# --test-size: coswin_test's widths and depths for all three models (a seconds-long smoke run, not a benchmark)
+TEST_ARCH = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
 
 
-def matmul_peak(dtype: torch.dtype, size: int, rounds: int) -> float:
-    """GFLOP/s of a ``size x size @ size x size`` matmul (median of ``rounds`` after one warm-up)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
-def build_cases(batch: int, size: int, large_size: int) -> list[Case]:
+def build_cases(batch: int, size: int, large_size: int, device: torch.device, test_size: bool = False) -> list[Case]:
+    """The cases, models named ``*_tiny`` (Swin-T) or, with ``test_size``, ``*_test`` (``TEST_ARCH``)."""
     import timm
 
     from florence.backbone.convert import load_image_tower_weights
     from florence.backbone.coswin import coswin_tiny, swin_tiny
 
     torch.manual_seed(0)
-    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0, img_size=size)
-    ours = swin_tiny(drop_path_rate=0.0, img_size=size)
+    arch, tag = (TEST_ARCH, "test") if test_size else ({}, "tiny")
+    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0, img_size=size,
+                                  **arch)
+    ours = swin_tiny(drop_path_rate=0.0, img_size=size, **arch)
     load_image_tower_weights(ours, reference.state_dict(), format="timm")
-    coswin = coswin_tiny(drop_path_rate=0.0)
-    x = torch.randn(batch, 3, size, size)
-    x_large = torch.randn(batch, 3, large_size, large_size)
+    coswin = coswin_tiny(drop_path_rate=0.0, **arch)
+    for module in (reference, ours, coswin):
+        module.to(device)
+    x = torch.randn(batch, 3, size, size).to(device)
+    x_large = torch.randn(batch, 3, large_size, large_size).to(device)
 
     def timm_pooled(inp: torch.Tensor) -> torch.Tensor:
         return reference.forward_head(reference.forward_features(inp), pre_logits=True)
@@ -84,7 +76,7 @@ def build_cases(batch: int, size: int, large_size: int) -> list[Case]:
         def run() -> None:
             if setup:
                 setup()
-            with torch.no_grad(), _autocast(bf16):
+            with torch.no_grad(), autocast(device, "bf16" if bf16 else "fp32"):
                 model_fn(inp)
 
         return run
@@ -94,7 +86,7 @@ def build_cases(batch: int, size: int, large_size: int) -> list[Case]:
             if setup:
                 setup()
             module.zero_grad(set_to_none=True)
-            with _autocast(bf16):
+            with autocast(device, "bf16" if bf16 else "fp32"):
                 out = model_fn(inp)
             out.float().square().mean().backward()
 
@@ -108,106 +100,105 @@ def build_cases(batch: int, size: int, large_size: int) -> list[Case]:
     coswin_fused = lambda: coswin.set_fused_attn(True)  # noqa: E731
     fwd_eager = forward(ours, x, False, eager)
     fwd_bwd_eager = forward_backward(ours, ours, x, False, eager)
-    # FLOPs of the SDPA cases are counted on their eager twin: FlopCounterMode does not count every fused CPU kernel
+    # FLOPs of the SDPA cases are counted on their eager twin (the same math): FlopCounterMode does not count every
+    # fused CPU kernel, and this way the count does not depend on which SDPA kernel the device picks
+    timm_name, ours_sdpa, ours_eager = f"timm swin_{tag}", f"ours swin_{tag} (sdpa)", f"ours swin_{tag} (eager)"
+    cos_name = f"ours coswin_{tag} (sdpa)"
     cases = [
-        Case("fwd", "timm swin_tiny", "fp32", forward(timm_pooled, x, False)),
-        Case("fwd", "ours swin_tiny (sdpa)", "fp32", forward(ours, x, False, fused), fwd_eager),
-        Case("fwd", "ours swin_tiny (eager)", "fp32", fwd_eager),
-        Case("fwd+bwd", "timm swin_tiny", "fp32", forward_backward(reference, timm_pooled, x, False)),
-        Case("fwd+bwd", "ours swin_tiny (sdpa)", "fp32", forward_backward(ours, ours, x, False, fused), fwd_bwd_eager),
-        Case("fwd+bwd", "ours swin_tiny (eager)", "fp32", fwd_bwd_eager),
-        Case("fwd", "timm swin_tiny", "bf16", forward(timm_pooled, x, True)),
-        Case("fwd", "ours swin_tiny (sdpa)", "bf16", forward(ours, x, True, fused), fwd_eager),
-        Case("fwd+bwd", "timm swin_tiny", "bf16", forward_backward(reference, timm_pooled, x, True)),
-        Case("fwd+bwd", "ours swin_tiny (sdpa)", "bf16", forward_backward(ours, ours, x, True, fused), fwd_bwd_eager),
-        Case(f"fwd {size}px", "ours coswin_tiny (sdpa)", "fp32", forward(coswin, x, False, coswin_fused),
+        Case("fwd", timm_name, "fp32", forward(timm_pooled, x, False)),
+        Case("fwd", ours_sdpa, "fp32", forward(ours, x, False, fused), fwd_eager),
+        Case("fwd", ours_eager, "fp32", fwd_eager),
+        Case("fwd+bwd", timm_name, "fp32", forward_backward(reference, timm_pooled, x, False)),
+        Case("fwd+bwd", ours_sdpa, "fp32", forward_backward(ours, ours, x, False, fused), fwd_bwd_eager),
+        Case("fwd+bwd", ours_eager, "fp32", fwd_bwd_eager),
+        Case("fwd", timm_name, "bf16", forward(timm_pooled, x, True)),
+        Case("fwd", ours_sdpa, "bf16", forward(ours, x, True, fused), fwd_eager),
+        Case("fwd+bwd", timm_name, "bf16", forward_backward(reference, timm_pooled, x, True)),
+        Case("fwd+bwd", ours_sdpa, "bf16", forward_backward(ours, ours, x, True, fused), fwd_bwd_eager),
+        Case(f"fwd {size}px", cos_name, "fp32", forward(coswin, x, False, coswin_fused),
              forward(coswin, x, False, coswin_eager)),
-        Case(f"fwd {large_size}px", "ours coswin_tiny (sdpa)", "fp32", forward(coswin, x_large, False, coswin_fused),
+        Case(f"fwd {large_size}px", cos_name, "fp32", forward(coswin, x_large, False, coswin_fused),
              forward(coswin, x_large, False, coswin_eager)),
     ]
     return cases
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def run(cases: list[Case], warmup: int, rounds: int) -> None:
+def run(cases: list[Case], warmup: int, rounds: int, device: torch.device) -> None:
     for case in cases:
-        case.gflop = count_gflop(case.count_fn or case.fn)
+        case.gflop = count_flops(case.count_fn or case.fn) / 1e9
         case.times = []
     for _ in range(warmup):
         for case in cases:
             case.fn()
     for _ in range(rounds):
         for case in cases:
-            start = time.perf_counter()
-            case.fn()
-            case.times.append(time.perf_counter() - start)
+            case.times.append(timed(case.fn, device))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_device_arguments(parser, threads=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--large-size", type=int, default=448, help="second coswin_tiny size (4x the tokens at 448)")
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds over all cases (after the FLOP count)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is reported")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak measurement")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="matmul size for the peak measurement (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--test-size", action="store_true",
+                        help="coswin_test widths and depths for all models (a smoke run of the script, not a benchmark)")
     parser.add_argument("--json", type=str, default=None, help="also write the rows and ratios to this file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    device = resolve_device(parser, args)
+    peak_size = args.peak_size or default_peak_size(device)
 
-    cases = build_cases(args.batch, args.size, args.large_size)
-    peak = {"fp32": matmul_peak(torch.float32, args.peak_size, 5),
-            "bf16": matmul_peak(torch.bfloat16, args.peak_size, 5)}
-    run(cases, args.warmup, args.rounds)
-    peak = {k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, args.peak_size, 5))
-            for k, v in peak.items()}  # measured before and after: the better of the two
+    cases = build_cases(args.batch, args.size, args.large_size, device, args.test_size)
+    peak = measure_peaks(device, ["fp32", "bf16"], peak_size)
+    run(cases, args.warmup, args.rounds, device)
+    peak = measure_peaks(device, ["fp32", "bf16"], peak_size, previous=peak)  # before and after: the better
 
     rows = []
     for case in cases:
         seconds = statistics.median(case.times)
-        rate = case.gflop / seconds
+        rate = case.gflop / seconds  # GFLOP/s
         rows.append(Row(case.name, case.model, case.dtype, seconds * 1e3, min(case.times) * 1e3, case.gflop, rate,
-                        rate / peak[case.dtype]))
+                        rate * 1e9 / peak[case.dtype]))
     ms = {(r.case, r.model, r.dtype): r.ms for r in rows}
     ms_min = {(r.case, r.model, r.dtype): r.ms_min for r in rows}
-    ours_fwd, timm_fwd = ("fwd", "ours swin_tiny (sdpa)", "fp32"), ("fwd", "timm swin_tiny", "fp32")
-    ours_fb, timm_fb = ("fwd+bwd", "ours swin_tiny (sdpa)", "fp32"), ("fwd+bwd", "timm swin_tiny", "fp32")
+    tag = "test" if args.test_size else "tiny"
+    ours_fwd, timm_fwd = ("fwd", f"ours swin_{tag} (sdpa)", "fp32"), ("fwd", f"timm swin_{tag}", "fp32")
+    ours_fb, timm_fb = ("fwd+bwd", f"ours swin_{tag} (sdpa)", "fp32"), ("fwd+bwd", f"timm swin_{tag}", "fp32")
     ratio_keys = {
         "ours/timm fwd fp32": (ours_fwd, timm_fwd),
         "ours/timm fwd+bwd fp32": (ours_fb, timm_fb),
         "ours/timm fwd bf16": (ours_fwd[:2] + ("bf16",), timm_fwd[:2] + ("bf16",)),
         "ours/timm fwd+bwd bf16": (ours_fb[:2] + ("bf16",), timm_fb[:2] + ("bf16",)),
-        "eager/sdpa fwd fp32": (("fwd", "ours swin_tiny (eager)", "fp32"), ours_fwd),
-        "eager/sdpa fwd+bwd fp32": (("fwd+bwd", "ours swin_tiny (eager)", "fp32"), ours_fb),
+        "eager/sdpa fwd fp32": (("fwd", f"ours swin_{tag} (eager)", "fp32"), ours_fwd),
+        "eager/sdpa fwd+bwd fp32": (("fwd+bwd", f"ours swin_{tag} (eager)", "fp32"), ours_fb),
         "fp32/bf16 fwd ours": (ours_fwd, ours_fwd[:2] + ("bf16",)),
-        f"coswin_tiny {args.large_size}/{args.size} time (4x tokens)": (
-            (f"fwd {args.large_size}px", "ours coswin_tiny (sdpa)", "fp32"),
-            (f"fwd {args.size}px", "ours coswin_tiny (sdpa)", "fp32"),
+        f"coswin_{tag} {args.large_size}/{args.size} time ({(args.large_size / args.size) ** 2:.3g}x tokens)": (
+            (f"fwd {args.large_size}px", f"ours coswin_{tag} (sdpa)", "fp32"),
+            (f"fwd {args.size}px", f"ours coswin_{tag} (sdpa)", "fp32"),
         ),
     }
-    ratios = {name: ms[num] / ms[den] for name, (num, den) in ratio_keys.items()}
-    ratios_min = {name: ms_min[num] / ms_min[den] for name, (num, den) in ratio_keys.items()}
+    ratios = {name: ms[a] / ms[b] for name, (a, b) in ratio_keys.items()}
+    ratios_min = {name: ms_min[a] / ms_min[b] for name, (a, b) in ratio_keys.items()}
 
-    print(f"\nbatch {args.batch}, {args.size}px, {args.threads} threads, torch {torch.__version__}, "
+    print(f"\n{describe(device, args.threads)}; batch {args.batch}, {args.size}px, "
           f"median of {args.rounds} rounds after {args.warmup} warm-up rounds")
-    print(f"matmul peak ({args.peak_size}^3): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s\n")
-    print("| case | model | dtype | ms (median) | ms (min) | GFLOP | GFLOP/s (median) | % of matmul peak |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r.case} | {r.model} | {r.dtype} | {r.ms:.0f} | {r.ms_min:.0f} | {r.gflop:.1f} | "
-              f"{r.gflops_per_s:.0f} | {100 * r.peak_fraction:.0f}% |")
-    print("\n| ratio | median | min |\n|---|---:|---:|")
-    for name, (num, den) in ratio_keys.items():
-        print(f"| {name} | {ms[num] / ms[den]:.2f} | {ms_min[num] / ms_min[den]:.2f} |")
-    result = {"rows": [asdict(r) for r in rows], "ratios": ratios, "ratios_min": ratios_min, "peak_gflops": peak,
+    print(peak_line(peak, peak_size) + "\n")
+    header = ["case", "model", "dtype", "ms (median)", "ms (min)", "GFLOP", "FLOP/s (median)", "% of matmul peak"]
+    print(markdown_table(header, [
+        [r.case, r.model, r.dtype, num(r.ms), num(r.ms_min), num(r.gflop), si(r.gflops_per_s * 1e9),
+         f"{100 * r.peak_fraction:.1f}%"] for r in rows], numeric_from=3))
+    print()
+    print(markdown_table(["ratio", "median", "min"],
+                         [[name, f"{ratios[name]:.2f}", f"{ratios_min[name]:.2f}"] for name in ratio_keys],
+                         numeric_from=1))
+    result = {"rows": [asdict(r) for r in rows], "ratios": ratios, "ratios_min": ratios_min,
+              "peak_gflops": {k: v / 1e9 for k, v in peak.items()}, "device": describe(device, args.threads),
               "args": vars(args)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.json, result)
     return result
 
 

@@ -1,6 +1,6 @@
 """Training throughput and peak memory of a UniCL step, beside open_clip on the same machine in the same run.
 
-    python -m florence.benchmarks.perf.train [--models tiny coswin_tiny] [--steps 3] [--threads N]
+    python -m florence.benchmarks.perf.train [--device cuda] [--models tiny coswin_tiny] [--steps 3] [--threads N]
 
 Rows:
 
@@ -17,8 +17,14 @@ Every row runs in a fresh process (``multiprocessing`` spawn) so the peak-memory
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its resident size after building the model, inputs and
 optimizer (so it counts activations, gradients and optimizer state, not the weights or the Python runtime).
-Images/s is the global batch divided by the median step time over ``--steps`` timed steps after one warm-up step.
+Images/s is the global batch divided by the median step time over ``--steps`` timed steps after one warm-up step
+(on CUDA each timed step is bracketed by synchronisations). The warm-up step's FLOPs are counted with
+``FlopCounterMode`` (forward + backward as executed: the gradient-cached step's re-forward counts too; AdamW's
+element-wise work is not counted); achieved FLOP/s is that count over the median step time, and its fraction of the
+device's matmul peak in the row's dtype is measured in this run, before and after the rows (``common.py``).
 Input ids are random tokens of full context length (77); images are random at the model's input size.
+Small ``--steps``, ``--batch-tiny``, ``--cache-batches`` (none: no grad-cache rows) and ``--peak-size`` make a smoke
+run.
 """
 from __future__ import annotations
 
@@ -26,10 +32,14 @@ import argparse
 import multiprocessing as mp
 import resource
 import statistics
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+
+from florence.benchmarks.perf.common import (
+    add_device_arguments, count_flops, default_peak_size, describe, markdown_table, measure_peaks, num, peak_line,
+    resolve_device, si, timed, write_json,
+)
 
 MIB = 1024 * 1024
 
@@ -37,10 +47,14 @@ MIB = 1024 * 1024
 @dataclass
 class Row:
     name: str
+    dtype: str
     params_m: float
     batch: int
     images_per_s: float
     peak_mib: float
+    gflop_per_step: float  # counted on the warm-up step
+    flops_per_s: float
+    peak_fraction: float = 0.0  # of the matmul peak in ``dtype`` (filled by ``main``, which measures the peak)
 
 
 def _rss_bytes() -> int:
@@ -118,14 +132,16 @@ def _open_clip_step(model, inputs, precision, optimizer):
     return step
 
 
-def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, threads: int,
+def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, threads: int, device: str,
             chunk: int | None = None) -> Row:
     """One row, in this process (call through ``_in_subprocess``)."""
     from florence.engine.precision import build_precision
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     build = _florence_model if library == "florence" else _open_clip_model
     model, vocab, size = build(model_name, device)
     model.train()
@@ -139,18 +155,13 @@ def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, t
     baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(steps + 1):
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:  # the first step warms up (allocator, optimizer state)
-            times.append(time.perf_counter() - start)
+    flops = count_flops(step)  # the warm-up step (allocator, optimizer state), its FLOPs counted
+    times = [timed(step, device) for _ in range(steps)]
+    seconds = statistics.median(times)
     name = f"{library} {model_name} {dtype}" + (f" grad-cache chunk={chunk}" if chunk else "")
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return Row(name=name, params_m=params, batch=batch, images_per_s=batch / statistics.median(times),
-               peak_mib=_peak_bytes(device, baseline) / MIB)
+    return Row(name=name, dtype=dtype, params_m=params, batch=batch, images_per_s=batch / seconds,
+               peak_mib=_peak_bytes(device, baseline) / MIB, gflop_per_step=flops / 1e9, flops_per_s=flops / seconds)
 
 
 def _worker(queue, kwargs):
@@ -167,50 +178,71 @@ def _in_subprocess(**kwargs) -> Row:
     return row
 
 
-def markdown(rows: list[Row], ratios: dict[str, float]) -> str:
-    lines = ["| run | params (M) | batch | images/s | peak memory (MiB) | florence / open_clip images/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+def markdown(rows: list[Row], ratios: dict[str, dict[str, float]]) -> str:
+    """The table; ``ratios[name]`` holds a florence row's images/s and FLOP/s over its open_clip twin's."""
+    header = ["run", "params (M)", "batch", "images/s", "peak memory (MiB)", "GFLOP/step", "FLOP/s", "% of matmul peak",
+              "florence / open_clip images/s", "florence / open_clip FLOP/s"]
+    body = []
     for r in rows:
-        ratio = f"{ratios[r.name]:.2f}" if r.name in ratios else ""
-        lines.append(f"| {r.name} | {r.params_m:.1f} | {r.batch} | {r.images_per_s:.1f} | {r.peak_mib:.0f} | {ratio} |")
-    return "\n".join(lines)
+        ratio = ratios.get(r.name, {})
+        body.append([r.name, f"{r.params_m:.1f}", r.batch, num(r.images_per_s), f"{r.peak_mib:.0f}",
+                     num(r.gflop_per_step), si(r.flops_per_s), f"{100 * r.peak_fraction:.1f}%",
+                     f"{ratio['images_per_s']:.2f}" if ratio else "", f"{ratio['flops_per_s']:.2f}" if ratio else ""])
+    return markdown_table(header, body, numeric_from=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_device_arguments(parser, threads=torch.get_num_threads())
     parser.add_argument("--models", nargs="+", default=["tiny", "coswin_tiny"], choices=["tiny", "coswin_tiny"])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up step)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-tiny", type=int, default=64)
     parser.add_argument("--batch-coswin-tiny", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=32, help="gradient-cache chunk size")
-    parser.add_argument("--cache-batches", nargs="+", type=int, default=[256, 2048])
+    parser.add_argument("--cache-batches", nargs="*", type=int, default=[256, 2048],
+                        help="global batches of the gradient-cache rows (none: skip those rows)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="matmul size for the peak measurement (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--json", type=str, default=None, help="also write the rows, ratios and peaks to this file")
     args = parser.parse_args(argv)
+    device = resolve_device(parser, args)
+    if "fp16" in args.dtypes and device.type != "cuda":
+        parser.error("--dtypes fp16 needs a CUDA device (fp16 autocast + GradScaler)")
+    peak_size = args.peak_size or default_peak_size(device)
+    peak_dtypes = ["fp32", *args.dtypes]  # the gradient-cache rows are fp32
+    peaks = measure_peaks(device, peak_dtypes, peak_size)
+    common = dict(steps=args.steps, threads=args.threads, device=str(device))
 
     rows, ratios = [], {}
     for model in args.models:
         batch = args.batch_tiny if model == "tiny" else args.batch_coswin_tiny
         for dtype in args.dtypes:
-            ours = _in_subprocess(library="florence", model_name=model, dtype=dtype, batch=batch, steps=args.steps,
-                                  threads=args.threads)
-            theirs = _in_subprocess(library="open_clip", model_name=model, dtype=dtype, batch=batch,
-                                    steps=args.steps, threads=args.threads)
-            ratios[ours.name] = ours.images_per_s / theirs.images_per_s
+            ours = _in_subprocess(library="florence", model_name=model, dtype=dtype, batch=batch, **common)
+            theirs = _in_subprocess(library="open_clip", model_name=model, dtype=dtype, batch=batch, **common)
+            ratios[ours.name] = {"images_per_s": ours.images_per_s / theirs.images_per_s,
+                                 "flops_per_s": ours.flops_per_s / theirs.flops_per_s}
             rows += [ours, theirs]
             print(f"{ours.name}: {ours.images_per_s:.1f} img/s; {theirs.name}: {theirs.images_per_s:.1f} img/s",
                   flush=True)
-    plain = _in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=min(args.cache_batches), steps=1,
-                           threads=args.threads)
-    plain.name += " (no grad cache)"
-    rows.append(plain)
+    if args.cache_batches:
+        plain = _in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=min(args.cache_batches),
+                               **{**common, "steps": 1})
+        plain.name += " (no grad cache)"
+        rows.append(plain)
     for batch in args.cache_batches:
-        rows.append(_in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=batch, steps=1,
-                                   threads=args.threads, chunk=args.chunk))
+        rows.append(_in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=batch,
+                                   chunk=args.chunk, **{**common, "steps": 1}))
         print(f"grad cache B={batch}: {rows[-1].peak_mib:.0f} MiB", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
-    print(f"\nUniCL training step, {device}, torch {torch.__version__}\n")
+    peaks = measure_peaks(device, peak_dtypes, peak_size, previous=peaks)  # before and after: the better
+    for row in rows:
+        row.peak_fraction = row.flops_per_s / peaks[row.dtype]
+    print(f"\nUniCL training step, {describe(device, args.threads)}")
+    print(peak_line(peaks, peak_size) + "\n")
     print(markdown(rows, ratios))
+    write_json(args.json, {"rows": [asdict(r) for r in rows], "ratios": ratios,
+                           "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+                           "device": describe(device, args.threads), "args": vars(args)})
     return 0
 
 

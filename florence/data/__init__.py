@@ -17,7 +17,8 @@ Engine entry point::
 holds its ``r``-th slice), so a 2-rank run sees the same samples as a 1-rank run with twice the batch.
 ``tokenize`` runs in the DataLoader workers; with a non-fork start method it must be picklable.
 
-Data config (``cfg["data"]``; unknown keys are errors)::
+Data config (``cfg["data"]``; ``validate_data_config(cfg["data"])`` checks every key and value type below, nested
+ones included, without reading data, and raises ``DataConfigError`` naming the dotted key)::
 
     sources:                       # mixed with sampling weights; label spaces kept disjoint
       - type: fashion_mnist        # path: folder of the 4 idx .gz files (default: Debian package); split: train|test
@@ -39,8 +40,17 @@ Data config (``cfg["data"]``; unknown keys are errors)::
     run_dir: null                  # or the build_train_loader(run_dir=...) argument; bad_samples.jsonl goes here
 """
 from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSummary, summarize_bad_samples
+from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.images import BadSample, clean_caption, decode_image, normalize_caption, to_rgb
-from florence.data.loader import TrainDataset, TrainLoader, build_source, build_train_loader, collate
+from florence.data.loader import (
+    TrainDataset,
+    TrainLoader,
+    build_source,
+    build_train_loader,
+    collate,
+    validate_data_config,
+    validate_source_spec,
+)
 from florence.data.mixing import MixturePlan, MixtureSampler, label_offsets, sample_seed
 from florence.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -65,11 +75,12 @@ from florence.data.templates import (
 from florence.data.transforms import ImageTransform, build_transform, seeded_rngs
 
 __all__ = [
-    "BadSample", "BadSampleError", "BadSampleLog", "BadSampleSummary", "CaptionSource", "FASHION_MNIST_CLASSES",
+    "BadSample", "BadSampleError", "BadSampleLog", "BadSampleSummary", "CaptionSource", "DataConfigError",
+    "DataFileError", "DataNotFound", "FASHION_MNIST_CLASSES",
     "FashionMNISTSource", "ImageLabelSource", "ImageTransform", "MixturePlan", "MixtureSampler",
     "OPENAI_IMAGENET_TEMPLATES", "RawSample", "TrainDataset", "TrainLoader", "UNICL_TEMPLATES", "build_source",
     "build_train_loader", "build_transform", "caption_label", "caption_table", "clean_caption", "clean_class_name",
     "collate", "decode_image", "image_folder", "label_offsets", "label_table", "load_templates", "make_prompt",
     "normalize_caption", "read_idx", "resolve_templates", "sample_seed", "seeded_rngs", "summarize_bad_samples",
-    "to_rgb",
+    "to_rgb", "validate_data_config", "validate_source_spec",
 ]

@@ -24,13 +24,14 @@ from typing import Literal
 import torch
 
 from florence.data.images import BadSample
+from florence.errors import FlorenceError
 
 LOG_NAME = "bad_samples.jsonl"
 Policy = Literal["skip", "raise"]
 logger = logging.getLogger("florence.data")
 
 
-class BadSampleError(RuntimeError):
+class BadSampleError(FlorenceError, RuntimeError):
     """Raised under ``on_bad_sample="raise"``; the message names the file and the reason."""
 
 

@@ -10,7 +10,9 @@ undecoded until ``get``; building a source only reads the index (directory listi
   normalised caption with bit 62 set, so identical captions share a label in every process and run, and caption
   labels never meet class ids (which stay below 2**62, see :mod:`florence.data.mixing`).
 
-Tables: CSV (``.csv``), TSV (``.tsv``/``.tab``) with a header row, or JSON lines (``.jsonl``, captions only).
+Tables: CSV (``.csv``), TSV (``.tsv``/``.tab``) with a header row, or JSON lines (``.jsonl``, captions only). A CSV/TSV
+row with more fields than the header (typically a caption with an unquoted comma) is a :class:`DataFileError` naming
+the file and line: quote such fields (``"a dog, running"``); nothing is cut silently.
 The image column is ``image`` (or ``path``/``filepath``/``file``), the label column ``label`` (class id or class
 name), the caption column ``caption`` (or ``text``). Relative image paths are taken from ``root`` (default: the
 table's folder).
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.images import BadSample, clean_caption, decode_image, normalize_caption
 from florence.data.templates import ClassName, make_prompt, resolve_templates
 
@@ -73,15 +76,18 @@ def load_class_names(spec: str | Path | Sequence[ClassName]) -> list[ClassName]:
         return list(spec)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"class-names file not found: {path}")
+        raise DataNotFound(f"class-names file not found: {path}")
     if path.suffix == ".json":
-        names = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            names = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(names, list) or not names:
-            raise ValueError(f"{path}: expected a non-empty JSON list of class names (or of synonym lists)")
+            raise DataFileError(f"{path}: expected a non-empty JSON list of class names (or of synonym lists)")
         return names
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not names:
-        raise ValueError(f"{path}: no class names")
+        raise DataFileError(f"{path}: no class names")
     return names
 
 
@@ -98,7 +104,7 @@ class ImageLabelSource:
         self.name = name
         for path, label in self.items:
             if not 0 <= label < len(self.class_names):
-                raise ValueError(f"{name}: label {label} of {path} outside 0..{len(self.class_names) - 1}")
+                raise DataFileError(f"{name}: label {label} of {path} outside 0..{len(self.class_names) - 1}")
 
     @property
     def num_classes(self) -> int:
@@ -145,14 +151,14 @@ class FashionMNISTSource:
     def __init__(self, root: str | Path | None = None, *, split: Literal["train", "test"] = "train",
                  templates: str | Sequence[str] | None = None, name: str = "fashion_mnist"):
         if split not in ("train", "test"):
-            raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
+            raise DataConfigError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
         root = Path(root if root is not None else FASHION_MNIST_DIR)
         prefix = "train" if split == "train" else "t10k"
         self.files = (root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
         self.images = read_idx(self.files[0])  # N, 28, 28
         self.labels = read_idx(self.files[1]).astype(np.int64)  # N
         if len(self.images) != len(self.labels) or self.images.ndim != 3:
-            raise ValueError(f"{root}: {prefix} images {self.images.shape} and labels {self.labels.shape} disagree")
+            raise DataFileError(f"{root}: {prefix} images {self.images.shape} and labels {self.labels.shape} disagree")
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.templates = resolve_templates(templates)
         self.name = name
@@ -176,17 +182,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     (with the Debian package to install) and ValueError for a malformed one."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"Fashion-MNIST file not found: {path} (install the Debian package 'dataset-fashion-mnist' or set the "
             f"source's path to a folder with the four idx .gz files)")
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+        raise DataFileError(f"{path}: not an idx file of unsigned bytes")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
+        raise DataFileError(f"{path}: header says {dims} but holds {data.size} bytes")
     return data.reshape(dims).copy()  # writable, owns its memory
 
 
@@ -196,25 +202,27 @@ def image_folder(root: str | Path, *, class_names: str | Path | Sequence[ClassNa
     names default to the folder names (``_`` read as a space); ``class_names`` overrides them in that order."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataNotFound(f"image folder not found: {root}")
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     if not folders:
-        raise ValueError(f"{root}: no class sub-folders")
+        raise DataFileError(f"{root}: no class sub-folders")
     items = [(str(f), label) for label, folder in enumerate(folders) for f in sorted(folder.rglob("*"))
              if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
     if not items:
-        raise ValueError(f"{root}: no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataFileError(f"{root}: no image files (extensions {', '.join(IMAGE_EXTENSIONS)})")
     names = load_class_names(class_names) if class_names is not None else [f.name.replace("_", " ") for f in folders]
     if len(names) != len(folders):
-        raise ValueError(f"{root}: {len(folders)} class folders but {len(names)} class names")
+        raise DataFileError(f"{root}: {len(folders)} class folders but {len(names)} class names")
     return ImageLabelSource(items, names, templates=templates, name=name or root.name)
 
 
 def _read_table(path: Path) -> list[tuple[dict, str]]:
     """Rows of a CSV/TSV (header row) or JSONL file as (dict, where). Undecodable text is kept as bytes so that
-    a bad row is a bad sample, not a failed run; an unparsable JSON line becomes {"__error__": reason}."""
+    a bad row is a bad sample, not a failed run; an unparsable JSON line becomes {"__error__": reason}. A CSV/TSV
+    row with more fields than the header is a :class:`DataFileError` (file and line): the extra fields cannot be
+    assigned to a column, and dropping them would cut a caption silently."""
     if not path.is_file():
-        raise FileNotFoundError(f"table not found: {path}")
+        raise DataNotFound(f"table not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -231,16 +239,28 @@ def _read_table(path: Path) -> list[tuple[dict, str]]:
                 rows.append(({"__error__": f"invalid JSON ({e.msg})"}, where))
         return rows
     if suffix not in (".csv", ".tsv", ".tab"):
-        raise ValueError(f"{path}: unsupported table format {suffix!r} (use .csv, .tsv or .jsonl)")
+        raise DataFileError(f"{path}: unsupported table format {suffix!r} (use .csv, .tsv or .jsonl)")
     delimiter = "," if suffix == ".csv" else "\t"
     with path.open(encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         rows = []
         for row in reader:
+            check_row_width(row, reader, path)
             fixed = {k: (v.encode("utf-8", "surrogateescape") if isinstance(v, str) and _has_surrogates(v) else v)
                      for k, v in row.items()}
             rows.append((fixed, f"{path}:{reader.line_num}"))
     return rows
+
+
+def check_row_width(row: dict, reader: csv.DictReader, path: Path) -> None:
+    """:class:`DataFileError` naming ``path`` and the line if a ``csv.DictReader`` row has more fields than the
+    header (the reader files the extras under the key None)."""
+    if None in row:
+        extra = row[None]
+        header = reader.fieldnames or []
+        raise DataFileError(
+            f"{path}:{reader.line_num}: {len(header) + len(extra)} fields but the header has {len(header)} "
+            f"({', '.join(header)}); quote fields that contain the delimiter, e.g. \"a dog, running\"")
 
 
 def _has_surrogates(text: str) -> bool:
@@ -251,7 +271,7 @@ def _column(fieldnames: Sequence[str], options: Sequence[str], path: Path) -> st
     for option in options:
         if option in fieldnames:
             return option
-    raise ValueError(f"{path}: needs one of the columns {list(options)}, has {list(fieldnames)}")
+    raise DataFileError(f"{path}: needs one of the columns {list(options)}, has {list(fieldnames)}")
 
 
 def _resolve(root: Path, value: str | bytes | None) -> str | None:
@@ -269,18 +289,18 @@ def label_table(path: str | Path, *, class_names: str | Path | Sequence[ClassNam
     path = Path(path)
     rows = _read_table(path)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataFileError(f"{path}: no rows")
     keys = list(rows[0][0])
     image_col, label_col = _column(keys, _IMAGE_COLUMNS, path), _column(keys, ("label",), path)
     base = Path(root) if root is not None else path.parent
     raw_labels = [row.get(label_col) for row, _ in rows]
     for (row, where), lab in zip(rows, raw_labels):
         if not isinstance(lab, str) or not lab.strip():
-            raise ValueError(f"{where}: missing or undecodable label")
+            raise DataFileError(f"{where}: missing or undecodable label")
     names = load_class_names(class_names) if class_names is not None else None
     if all(lab.strip().lstrip("-").isdigit() for lab in raw_labels):
         if names is None:
-            raise ValueError(f"{path}: integer labels need class_names")
+            raise DataFileError(f"{path}: integer labels need class_names")
         ids = [int(lab) for lab in raw_labels]
     else:
         if names is None:
@@ -289,7 +309,7 @@ def label_table(path: str | Path, *, class_names: str | Path | Sequence[ClassNam
         ids = []
         for (row, where), lab in zip(rows, raw_labels):
             if lab.strip() not in lookup:
-                raise ValueError(f"{where}: label {lab.strip()!r} is not a class name")
+                raise DataFileError(f"{where}: label {lab.strip()!r} is not a class name")
             ids.append(lookup[lab.strip()])
     items = [(_resolve(base, row.get(image_col)) or where, i) for (row, where), i in zip(rows, ids)]
     return ImageLabelSource(items, names, templates=templates, name=name or path.stem)
@@ -300,10 +320,10 @@ def caption_table(path: str | Path, *, root: str | Path | None = None, name: str
     path = Path(path)
     rows = _read_table(path)
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise DataFileError(f"{path}: no rows")
     good_keys = next((list(r) for r, _ in rows if "__error__" not in r), None)
     if good_keys is None:
-        raise ValueError(f"{path}: no readable rows (first problem: {rows[0][1]}: {rows[0][0]['__error__']})")
+        raise DataFileError(f"{path}: no readable rows (first problem: {rows[0][1]}: {rows[0][0]['__error__']})")
     image_col, caption_col = _column(good_keys, _IMAGE_COLUMNS, path), _column(good_keys, _CAPTION_COLUMNS, path)
     base = Path(root) if root is not None else path.parent
     items = []

@@ -16,6 +16,8 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from florence.data.errors import DataFileError, DataNotFound
+
 # The 80 ImageNet prompt templates of OpenAI's CLIP notebook (same order as open_clip's
 # OPENAI_IMAGENET_TEMPLATES), written with a "{}" placeholder.
 OPENAI_IMAGENET_TEMPLATES: tuple[str, ...] = (
@@ -110,10 +112,10 @@ ClassName = str | Sequence[str]
 def _check_template(template: object, where: str) -> str:
     """``template`` with ``{c}`` written as ``{}``; ``ValueError`` naming ``where`` unless it has exactly one."""
     if not isinstance(template, str):
-        raise ValueError(f"{where}: a template must be a string, got {template!r}")
+        raise DataFileError(f"{where}: a template must be a string, got {template!r}")
     template = template.replace("{c}", "{}")
     if template.count("{}") != 1:
-        raise ValueError(f"{where}: a template needs exactly one '{{}}' (or '{{c}}') placeholder, got {template!r}")
+        raise DataFileError(f"{where}: a template needs exactly one '{{}}' (or '{{c}}') placeholder, got {template!r}")
     return template
 
 
@@ -121,20 +123,21 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
     """Read a template file: a JSON list of strings (``.json``), or one template per line.
 
     In a line file, blank lines and lines starting with ``#`` are ignored. ``{}`` or ``{c}`` marks the class name
-    (returned as ``{}``), exactly once per template. Raises ``ValueError`` naming the file and line (or list index)
-    of a bad template, and for a file with no templates.
+    (returned as ``{}``), exactly once per template. Raises :class:`~florence.data.errors.DataFileError` (a
+    ``ValueError``) naming the file and line (or list index) of a bad template, and for a file with no templates;
+    :class:`~florence.data.errors.DataNotFound` for a missing file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"template file not found: {path}")
+        raise DataNotFound(f"template file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            raise DataFileError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of template strings")
+            raise DataFileError(f"{path}: expected a JSON list of template strings")
         templates = [_check_template(t, f"{path}[{i}]") for i, t in enumerate(items)]
     else:
         templates = [
@@ -143,7 +146,7 @@ def load_templates(path: str | Path) -> tuple[str, ...]:
             if line.strip() and not line.strip().startswith("#")
         ]
     if not templates:
-        raise ValueError(f"{path}: no templates found")
+        raise DataFileError(f"{path}: no templates found")
     return tuple(templates)
 
 
@@ -175,7 +178,7 @@ def format_prompt(template: str, class_name: ClassName) -> str:
     """
     if not isinstance(class_name, str):
         if not class_name:
-            raise ValueError("a class needs at least one name")
+            raise DataFileError("a class needs at least one name")
         class_name = class_name[0]
     return template.replace("{c}", "{}").replace("{}", clean_class_name(class_name))
 

@@ -3,7 +3,7 @@
 Layout of ``<run_dir>/checkpoints/step_<N>/``:
 
 - ``meta.json``: step and trainer counters (plain JSON);
-- ``state.pt``: model, optimizer, scheduler and grad-scaler state dicts as plain tensors / numbers, written with
+- ``state.pt``: model, optimizer, scheduler, grad-scaler (and weight-EMA) state dicts as plain tensors / numbers, written with
   ``torch.save`` and read back with ``weights_only=True`` (nothing is unpickled); with FSDP2 instead a
   ``torch.distributed.checkpoint`` directory ``sharded/`` written by all ranks (each saves its own shards);
 - ``rank<r>.pt``: this rank's RNG states (python, numpy, torch, CUDA) and data position.
@@ -74,10 +74,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _training_state(model: nn.Module, optimizer, scheduler, scaler) -> dict[str, Any]:
+def _training_state(model: nn.Module, optimizer, scheduler, scaler, ema: nn.Module | None = None) -> dict[str, Any]:
     state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     return state
 
 
@@ -111,6 +113,7 @@ def save_checkpoint(
     counters: dict[str, Any],
     env: DistEnv,
     keep_last: int,
+    ema: nn.Module | None = None,
 ) -> Path:
     """Write ``step_<step>`` (all ranks call this), then delete all but the last ``keep_last`` checkpoints."""
     root = checkpoint_root(run_dir)
@@ -127,7 +130,7 @@ def save_checkpoint(
         if env.is_main:
             torch.save(rest, tmp / "state.pt")
     elif env.is_main:
-        torch.save(_training_state(model, optimizer, scheduler, scaler), tmp / "state.pt")
+        torch.save(_training_state(model, optimizer, scheduler, scaler, ema), tmp / "state.pt")
     torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank{env.rank}.pt")
     barrier()
     if env.is_main:
@@ -150,6 +153,7 @@ def load_checkpoint(
     scheduler,
     scaler: torch.amp.GradScaler | None,
     env: DistEnv,
+    ema: nn.Module | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """Restore everything saved by ``save_checkpoint``; return ``(meta, data_state)`` (data state of this rank).
 
@@ -176,6 +180,10 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{path}: saved without an EMA of the weights; resume with optim.ema_decay=null")
+        ema.load_state_dict(state["ema"])
     rank_state = torch.load(path / f"rank{env.rank}.pt", map_location="cpu", weights_only=True)
     set_rng_state(rank_state["rng"])
     return meta, rank_state["data"]

@@ -16,36 +16,47 @@ from typing import Any
 
 import yaml
 
+from florence.errors import FlorenceError
 
-class ConfigError(ValueError):
+
+class ConfigError(FlorenceError, ValueError):
     """A config file or override is invalid; the message names the file and the dotted key."""
+
+
+PREPROCESS_KEYS = {"input_size": list, "mean": list, "std": list, "interpolation": str, "crop_pct": float}
 
 
 @dataclass
 class ModelConfig:
-    name: str | None = None  # a registered model name for florence.create_model (e.g. "unicl_test")
-    config: dict | None = None  # or a build_unicl config {"image": {...}, "text": {...}, "embed_dim": D}
+    name: str | None = None  # a registered model name for florence.create_model (e.g. "unicl_test", "coswin_test")
+    config: dict | None = None  # or a dual-encoder config {"image": {...}, "text": {...}, "embed_dim": D} (unicl)
     overrides: dict = field(default_factory=dict)  # keyword overrides passed to create_model(name, **overrides)
-    pretrained: str | None = None  # a checkpoint bundle directory to start from (continued pre-training)
+    pretrained: str | None = None  # a checkpoint bundle directory to start from (continued training / fine-tuning)
+    backbone: str | None = None  # a pre-trained image tower (bundle directory) for a task that adds new heads
     grad_checkpointing: bool = False  # activation checkpointing per block (model.set_grad_checkpointing)
-    tokenizer: str | None = None  # a tokenizer directory; None keeps the model's own tokenizer
-    train_tokenizer_vocab: int | None = None  # train a byte-level BPE tokenizer on the data's texts at run start
-    context_length: int | None = None  # override the text context length (tokens)
+    tokenizer: str | None = None  # unicl: a tokenizer directory; None keeps the model's own tokenizer
+    train_tokenizer_vocab: int | None = None  # unicl: train a byte-level BPE tokenizer on the data's texts first
+    context_length: int | None = None  # unicl: override the text context length (tokens)
 
 
 @dataclass
 class OptimConfig:
     lr: float = 5e-4  # peak learning rate
     weight_decay: float = 0.1  # decoupled weight decay on weight matrices (not norms, biases, logit scale, tables)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     clip_grad_norm: float | None = 5.0  # max global L2 gradient norm; None disables clipping
+    lr_mult: dict = field(default_factory=dict)  # {module name prefix: LR multiplier}, e.g. {backbone: 0.1, head: 50}
+    layer_decay: float | None = None  # layer-wise LR decay over model.group_matcher() layers (timm semantics)
+    freeze: list = field(default_factory=list)  # module name prefixes whose parameters are not trained
+    decay_embeddings: bool = True  # weight decay on nn.Embedding tables (false: none, as BERT/METER fine-tuning)
+    ema_decay: float | None = None  # keep an exponential moving average of the weights (evaluated and saved)
     batch_size: int = 32  # global batch per optimizer step (all ranks, all accumulation steps)
     # gradient accumulation: micro-batches per optimizer step on each rank. The contrastive loss is computed per
     # micro-batch (negatives only from the same micro-batch, across ranks), so it is NOT the UniCL loss of the
     # global batch; for large-batch equivalence use grad_cache_chunk (exact global-batch loss, chunked memory).
-    accum_steps: int = 1
-    grad_cache_chunk: int | None = None  # gradient cache: UniCL loss over the whole micro-batch, forward in chunks
+    accum_steps: int = 1  # micro-batches per optimizer step on each rank (see the note above)
+    grad_cache_chunk: int | None = None  # gradient cache: the loss over the whole micro-batch, forward in chunks
     max_nonfinite_in_a_row: int = 5  # abort after this many consecutive non-finite losses (each step is skipped)
 
 
@@ -55,7 +66,8 @@ class ScheduleConfig:
     epochs: float | None = None  # total passes over the data (needs a sized data loader)
     warmup_steps: int = 0  # linear warmup from 0 to lr, per optimizer step
     warmup_fraction: float | None = None  # or warmup as a fraction of the total steps
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    decay: str = "cosine"  # cosine | linear decay after the warmup
 
 
 @dataclass
@@ -80,20 +92,24 @@ class CheckpointConfig:
 class OutputConfig:
     dir: str = "runs/unicl"  # the run directory (config, metrics, checkpoints, final bundle)
     log_every: int = 10  # write metrics every N optimizer steps
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard event files in <run_dir>/tensorboard
     progress: bool = True  # tqdm progress bar on rank 0
 
 
 @dataclass
 class EvalConfig:
-    zero_shot: bool = False  # zero-shot accuracy of the final model on eval.source (image-label data)
-    source: dict | None = None  # a data-source spec, e.g. {type: fashion_mnist, split: test}
-    batch_size: int = 256
-    max_images: int | None = None  # evaluate on the first N test images only
+    source: dict | None = None  # the task's evaluation data, a data-source spec, e.g. {type: fashion_mnist, split: test}
+    every_steps: int | None = None  # evaluate every N optimizer steps (metrics.jsonl "eval/<metric>")
+    at_end: bool = True  # evaluate the final model (when eval.source is set)
+    batch_size: int = 256  # evaluation batch
+    max_images: int | None = None  # evaluate on the first N images only
+    best_metric: str | None = None  # keep <run_dir>/best, the bundle with the best value of this metric
+    best_mode: str = "max"  # max | min: which direction of best_metric is better
 
 
 @dataclass
 class RunConfig:
+    task: Any = "unicl"  # the task name (or package.module:Class), or {name: ..., <the task's options>}
     model: ModelConfig = field(default_factory=ModelConfig)
     data: dict = field(default_factory=dict)  # passed to florence.data.build_train_loader (validated there)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,10 +122,42 @@ class RunConfig:
     seed: int = 0
     num_threads: int | None = None  # torch.set_num_threads for this process (None: torch's default)
 
+    @property
+    def task_name(self) -> str:
+        return self.task["name"] if isinstance(self.task, dict) else self.task
+
+    @property
+    def task_options(self) -> dict:
+        return {k: v for k, v in self.task.items() if k != "name"} if isinstance(self.task, dict) else {}
+
     def validate(self) -> None:
         """Cross-field checks; raises ``ConfigError`` naming the key."""
-        if (self.model.name is None) == (self.model.config is None) and self.model.pretrained is None:
-            raise ConfigError("model: give exactly one of model.name, model.config (or model.pretrained)")
+        if isinstance(self.task, dict) and not isinstance(self.task.get("name"), str):
+            raise ConfigError("task.name: give the task name, e.g. task: {name: classify, label_smoothing: 0.1}")
+        if not isinstance(self.task, (str, dict)):
+            raise ConfigError(f"task: expected a name or a mapping, got {self.task!r}")
+        sources = [k for k in ("name", "config", "pretrained") if getattr(self.model, k) is not None]
+        if len(sources) > 1 or (not sources and self.model.backbone is None):
+            raise ConfigError("model: give exactly one of model.name, model.config, model.pretrained (or "
+                              "model.backbone for a task that builds its heads on a pre-trained tower)")
+        preprocess = self.model.overrides.get("preprocess")
+        if preprocess is not None:
+            _check_preprocess(preprocess, "model.overrides.preprocess")
+        if self.schedule.decay not in ("cosine", "linear"):
+            raise ConfigError(f"schedule.decay: expected cosine or linear, got {self.schedule.decay!r}")
+        if self.eval.best_mode not in ("max", "min"):
+            raise ConfigError(f"eval.best_mode: expected max or min, got {self.eval.best_mode!r}")
+        if (self.eval.every_steps or self.eval.best_metric) and not self.eval.source:
+            raise ConfigError("eval.every_steps / eval.best_metric: give eval.source, the evaluation data")
+        if self.optim.layer_decay is not None and not 0 < self.optim.layer_decay <= 1:
+            raise ConfigError("optim.layer_decay: must be in (0, 1]")
+        if self.optim.ema_decay is not None and not 0 < self.optim.ema_decay < 1:
+            raise ConfigError("optim.ema_decay: must be in (0, 1)")
+        for key, value in self.optim.lr_mult.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"optim.lr_mult.{key}: expected a number >= 0, got {value!r}")
+        if not all(isinstance(p, str) for p in self.optim.freeze):
+            raise ConfigError(f"optim.freeze: expected a list of module names, got {self.optim.freeze!r}")
         if self.precision.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision.dtype: expected fp32, bf16 or fp16, got {self.precision.dtype!r}")
         if self.distributed.strategy not in ("ddp", "fsdp"):
@@ -121,13 +169,31 @@ class RunConfig:
                 raise ConfigError(f"optim.{key}: must be >= 1")
         if self.optim.grad_cache_chunk is not None and self.optim.grad_cache_chunk < 1:
             raise ConfigError("optim.grad_cache_chunk: must be >= 1 or null")
-        if self.eval.zero_shot and not self.eval.source:
-            raise ConfigError("eval.zero_shot: give eval.source (e.g. {type: fashion_mnist, split: test})")
         if "batch_size" in self.data:
             raise ConfigError("data.batch_size: set the global batch with optim.batch_size (the engine splits it "
                               "over ranks and accumulation steps)")
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last: must be >= 1")
+
+
+def _check_preprocess(preprocess: Any, key: str) -> None:
+    if not isinstance(preprocess, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {preprocess!r}")
+    for name in preprocess:
+        if name not in PREPROCESS_KEYS:
+            raise ConfigError(f"{key}.{name}: unknown key (known keys here: {', '.join(sorted(PREPROCESS_KEYS))})")
+    for name, kind in PREPROCESS_KEYS.items():
+        value = preprocess.get(name)
+        if value is None:
+            if name != "crop_pct":
+                raise ConfigError(f"{key}.{name}: missing (the preprocessing is never guessed)")
+            continue
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, kind):
+            raise ConfigError(f"{key}.{name}: expected {kind.__name__}, got {value!r}")
+    if len(preprocess["input_size"]) != 3:
+        raise ConfigError(f"{key}.input_size: expected [channels, height, width], got {preprocess['input_size']}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -185,6 +251,68 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
             raise ConfigError(f"unknown config key {dotted!r} (known keys here: {known})")
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
+
+
+def build_section(cls: type, values: dict | None, prefix: str) -> Any:
+    """A dataclass section (e.g. a task's options) from plain values; unknown keys and wrong types raise
+    ``ConfigError`` naming ``prefix.key``."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{prefix}: expected a mapping, got {values!r}")
+    return _build(cls, values or {}, prefix)
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The ``# comment`` after each field in the class source: the schema's documentation."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def _reference_lines(cls: type, prefix: str) -> list[str]:
+    lines = []
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _reference_lines(hints[f.name], key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "required"
+        kind = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+        meaning = comments.get(f.name, "").replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind.replace(' | ', ' or ')} | `{shown}` | {meaning} |")
+    return lines
+
+
+def config_reference(task_cls: type | None = None) -> str:
+    """Markdown table of every run-config key (type, default, meaning), generated from the dataclasses; with a task
+    class, a second table of its ``task.*`` options."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|", *_reference_lines(RunConfig, "")]
+    lines += ["", "`data:` is read by the task's loader: its keys are in the `florence.data` module docstring."]
+    if task_cls is not None:
+        lines += ["", f"Options of `task: {{name: {task_cls.name}, ...}}`:", ""]
+        if dataclasses.fields(task_cls.Options):
+            lines += ["| key | type | default | meaning |", "|---|---|---|---|",
+                      *_reference_lines(task_cls.Options, "task")]
+        else:
+            lines.append("(none)")
+    return "\n".join(lines)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -1,8 +1,9 @@
-"""Process-group set-up for ``torchrun`` launches, and DDP / FSDP2 wrapping of the dual encoder.
+"""Process-group set-up for ``torchrun`` launches, and DDP / FSDP2 wrapping of any model.
 
 One process (no ``WORLD_SIZE`` in the environment, or 1) runs without a process group. Under ``torchrun`` the
 default group is initialised from the environment (nccl with CUDA, gloo otherwise) and the model is wrapped in DDP, or
-sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) per transformer block and per tower.
+sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) per unit the model declares (``fsdp_wrap_modules()``:
+transformer blocks, towers).
 """
 from __future__ import annotations
 
@@ -64,16 +65,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """Transformer blocks to shard one by one: every module whose class name ends in 'Block' or 'Layer' and that
-    holds parameters (Swin blocks, RoBERTa layers); the towers and the root are sharded after them."""
-    found = []
-    for module in model.modules():
-        name = type(module).__name__
-        if module is not model and (name.endswith("Block") or name.endswith("Layer")):
-            if any(True for _ in module.parameters()) and not any(module in f.modules() for f in found):
-                found.append(module)
-    return found
+def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``values`` over all ranks (a copy; the tensor itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    total = values.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return total / dist.get_world_size()
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules FSDP2 shards one by one (innermost first), as the model declares them with
+    ``fsdp_wrap_modules()`` (transformer blocks, then towers); the root is sharded after them."""
+    if not hasattr(model, "fsdp_wrap_modules"):
+        raise ValueError(f"distributed.strategy=fsdp: {type(model).__name__} does not declare its FSDP units "
+                         "(fsdp_wrap_modules()); use distributed.strategy=ddp")
+    return list(model.fsdp_wrap_modules())
 
 
 def wrap_model(model: nn.Module, env: DistEnv, strategy: str) -> nn.Module:
@@ -91,11 +98,8 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str) -> nn.Module:
         # FSDP2 cannot shard 0-dim parameters (the logit scale): they stay replicated, their gradients are
         # averaged by ``sync_replicated_grads``
         replicated = [p for p in model.parameters() if p.ndim == 0]
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh)
-        for tower in ("image_encoder", "text_encoder"):
-            if hasattr(model, tower):
-                fully_shard(getattr(model, tower), mesh=mesh)
+        for unit in fsdp_units(model):
+            fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh, ignored_params=set(replicated))
         model._replicated_params = replicated
         return model

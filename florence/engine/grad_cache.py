@@ -6,7 +6,8 @@ The gradient cache factors the backward pass instead:
 1. forward every chunk under ``no_grad`` and keep only the embeddings (the RNG state before each chunk is saved so
    dropout / drop-path draw the same masks again in step 3);
 2. compute the loss on the full embedding matrices, and its gradient with respect to the embeddings and the logit
-   scale multiplier (cheap: N x D tensors);
+   scale multiplier (cheap: N x D tensors); the task says which outputs and which loss (``Task.forward`` and
+   ``Task.loss``);
 3. forward each chunk again with grad and backpropagate the cached embedding gradient through it
    (``sum(embeds * grad)`` has exactly that gradient); the logit-scale gradient goes through the last chunk's
    (identical) multiplier.
@@ -27,7 +28,7 @@ from florence.engine.precision import Precision
 
 def split_batch(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
     """Split every tensor of ``batch`` along dim 0 into chunks of at most ``chunk_size`` rows."""
-    n = batch["images"].shape[0]
+    n = next(iter(batch.values())).shape[0]
     return [{k: v[start : start + chunk_size] for k, v in batch.items()} for start in range(0, n, chunk_size)]
 
 
@@ -47,14 +48,15 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _forward(model: nn.Module, chunk: dict[str, torch.Tensor], precision: Precision):
+def task_forward(task, model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision) -> dict[str, torch.Tensor]:
+    """``task.forward`` under the run's autocast; half-precision outputs widened to fp32 for the loss."""
     with precision.autocast():
-        return model(images=chunk["images"], input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"])
+        return {k: _wide(v) for k, v in task.forward(model, batch).items()}
 
 
 def grad_cache_backward(
+    task,
     model: nn.Module,
-    loss_fn: nn.Module,
     batch: dict[str, torch.Tensor],
     *,
     chunk_size: int,
@@ -62,57 +64,61 @@ def grad_cache_backward(
     loss_multiplier: float = 1.0,
     sync_context: Callable[[bool], contextlib.AbstractContextManager] | None = None,
     sync_last: bool = True,
-) -> torch.Tensor:
-    """Accumulate into ``.grad`` the gradient of ``loss_multiplier * loss(batch)``; return the (detached) loss.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate into ``.grad`` the gradient of ``loss_multiplier * loss(batch)``; return the detached loss and the
+    task's scalars.
 
     Args:
-        model: the dual encoder (plain, DDP- or FSDP-wrapped); ``model(images, input_ids, attention_mask)`` returns
-            ``UniCLOutput(image_embeds (B, D), text_embeds (B, D), logit_scale ())``.
-        loss_fn: ``UniCLLoss`` (gathers across ranks when torch.distributed is initialised).
-        batch: ``images (B, 3, H, W)``, ``input_ids (B, L)``, ``attention_mask (B, L)``, ``labels (B,)``.
+        task: a ``florence.engine.task.Task``: ``forward(model, chunk) -> {name: tensor}`` (tensors with a batch
+            dimension, or 0-dim tensors shared by the batch such as UniCL's logit-scale multiplier) and
+            ``loss(outputs, batch) -> (loss, scalars)``.
+        model: the model (plain, DDP- or FSDP-wrapped), passed to ``task.forward``.
+        batch: the micro-batch (every tensor has the batch dimension first).
         chunk_size: rows per forward; memory scales with it, not with B.
-        precision: autocast for the forwards and the loss; its ``scaler`` (fp16) scales the loss.
+        precision: autocast for the forwards; its ``scaler`` (fp16) scales the loss.
         loss_multiplier: e.g. ``1 / accum_steps`` for gradient accumulation.
         sync_context: ``sync_context(enabled)`` turns gradient synchronisation across ranks on or off (DDP
             ``no_sync``); only the last backward of the step synchronises.
         sync_last: whether the last chunk's backward should synchronise (False inside an accumulation window).
     """
-    device = batch["images"].device
+    device = next(iter(batch.values())).device
     chunks = split_batch(batch, chunk_size)
-    states, image_embeds, text_embeds = [], [], []
-    scale = None
+    states, outputs = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(_rng_state(device))
-            out = _forward(model, chunk, precision)
-            image_embeds.append(_wide(out.image_embeds))
-            text_embeds.append(_wide(out.text_embeds))
-            scale = _wide(out.logit_scale)
+            outputs.append(task_forward(task, model, chunk, precision))
     rng_after = _rng_state(device)
 
-    all_image = torch.cat(image_embeds).requires_grad_(True)  # B, D
-    all_text = torch.cat(text_embeds).requires_grad_(True)  # B, D
-    scale_leaf = scale.detach().requires_grad_(True)
-    loss = loss_fn(all_image, all_text, batch["labels"], scale_leaf)
+    # full-batch leaves: rows concatenated over chunks; 0-dim outputs are shared, taken from the last chunk
+    leaves = {k: (torch.cat([o[k] for o in outputs]) if v.ndim else v).detach().requires_grad_(True)
+              for k, v in outputs[-1].items()}
+    loss, scalars = task.loss(leaves, batch)
     scaled = loss * loss_multiplier
     if precision.scaler is not None:
         scaled = precision.scaler.scale(scaled)
-    image_grads, text_grads, scale_grad = torch.autograd.grad(scaled, [all_image, all_text, scale_leaf])
+    names = list(leaves)
+    grads = dict(zip(names, torch.autograd.grad(scaled, [leaves[k] for k in names], allow_unused=True)))
 
     offset = 0
     last = len(chunks) - 1
     for i, chunk in enumerate(chunks):
-        n = chunk["images"].shape[0]
+        n = next(iter(chunk.values())).shape[0]
         _set_rng_state(states[i], device)
         sync = sync_last and i == last
         ctx = sync_context(sync) if sync_context is not None else contextlib.nullcontext()
         with ctx:
-            out = _forward(model, chunk, precision)
-            surrogate = (_wide(out.image_embeds) * image_grads[offset : offset + n]).sum()
-            surrogate = surrogate + (_wide(out.text_embeds) * text_grads[offset : offset + n]).sum()
-            # every parameter takes part in every backward (DDP needs that); only the last chunk carries d/ds
-            surrogate = surrogate + _wide(out.logit_scale) * (scale_grad if i == last else 0.0)
+            out = task_forward(task, model, chunk, precision)
+            surrogate = 0.0
+            for k, value in out.items():
+                grad = grads[k]
+                if grad is None:
+                    grad = torch.zeros_like(value)
+                if value.ndim:  # this chunk's rows of the cached gradient
+                    surrogate = surrogate + (value * grad[offset : offset + n]).sum()
+                else:  # every parameter takes part in every backward (DDP needs that); only the last chunk carries d/ds
+                    surrogate = surrogate + (value * (grad if i == last else torch.zeros_like(grad))).sum()
             surrogate.backward()
         offset += n
     _set_rng_state(rng_after, device)
-    return loss.detach()
+    return loss.detach(), {k: v.detach() for k, v in scalars.items()}

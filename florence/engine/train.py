@@ -1,19 +1,24 @@
-"""``florence train CONFIG [key=value ...]``: UniCL pre-training from one CPU to many GPUs (under ``torchrun``).
+"""``florence train CONFIG [key=value ...]``: any task, from one CPU to many GPUs (under ``torchrun``).
 
-The pieces, each small and testable:
+The config's ``task:`` key names a task (``florence.engine.task.Task``: UniCL pre-training, classification
+fine-tuning, retrieval fine-tuning, ...); the engine is the same for all of them. The pieces, each small and testable:
 
-- ``build_model``: a named dual encoder, a ``build_unicl`` config, or a bundle; tokenizer attached (optionally
-  trained on the data's texts at run start and saved in the run directory);
-- ``setup``: run directory, process group, seed, model, data loader, optimizer, schedule, precision, resume;
+- ``resolve_task``: the task class (registry or ``package.module:Class``) and its validated options;
+- ``setup``: run directory, process group, seed, model (from the task), frozen modules, wrapping, optimizer groups,
+  schedule, precision, EMA, data loader (from the task), resume;
 - ``train_step`` (``florence.engine.step``): one optimizer step with accumulation / gradient cache / clipping;
-- ``fit``: the loop: steps, skips of non-finite losses, metrics, progress bar, checkpoints;
-- ``finish``: the final checkpoint and the model bundle ``<run_dir>/final`` (``florence.from_pretrained`` loads it).
+- ``fit``: the loop: steps, skips of non-finite losses, metrics, periodic evaluation and the best bundle, progress
+  bar, checkpoints;
+- ``finish``: the final checkpoint and the model bundle ``<run_dir>/final`` (``florence.from_pretrained`` loads it),
+  then the task's evaluation of that bundle (``<run_dir>/eval.json``).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -25,16 +30,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from florence.bundle import from_pretrained
 from florence.engine import checkpoint as ckpt
-from florence.engine.config import ConfigError, RunConfig, load_config, save_config
-from florence.engine.distributed import DistEnv, barrier, init_distributed, is_fsdp, shutdown_distributed, unwrap, wrap_model
+from florence.engine.config import ConfigError, RunConfig, build_section, config_reference, load_config, save_config
+from florence.engine.distributed import (DistEnv, barrier, init_distributed, is_fsdp, shutdown_distributed, unwrap,
+                                         wrap_model)
 from florence.engine.metrics import MetricsWriter, write_versions
-from florence.engine.optim import WarmupCosine, build_optimizer
+from florence.engine.optim import OptimConfigError, WarmupDecay, build_optimizer, freeze_modules
 from florence.engine.precision import build_precision
 from florence.engine.step import StepContext, StepResult, train_step
+from florence.engine.task import Task
+from florence.errors import FlorenceError
+from florence.registry import get_task
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FlorenceError, RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss."""
 
 
@@ -42,31 +52,35 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     """run_dir: the run directory; losses: loss per optimizer step run by this call (1-based steps as keys);
     final_dir: the model bundle; skipped: steps skipped for a non-finite loss; wall_time: seconds;
-    zero_shot_accuracy: top-1 on ``eval.source`` when ``eval.zero_shot`` is on; bad_samples: the skipped-sample
-    summary (rank 0)."""
+    eval_metrics: the task's metrics of the final bundle (when ``eval.source`` is set and ``eval.at_end``);
+    best: ``{"step", "metric", "value"}`` of ``<run_dir>/best`` when ``eval.best_metric`` is set;
+    bad_samples: the skipped-sample summary (rank 0)."""
 
     run_dir: Path
     losses: dict[int, float] = field(default_factory=dict)
     final_dir: Path | None = None
     skipped: int = 0
     wall_time: float = 0.0
-    zero_shot_accuracy: float | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
     bad_samples: str | None = None
 
 
 @dataclass
 class TrainState:
     cfg: RunConfig
+    task: Task
     env: DistEnv
     run_dir: Path
     model: nn.Module  # possibly DDP/FSDP-wrapped
-    loader: Any  # florence.data loader: iterable of batch dicts, state_dict() / load_state_dict()
+    loader: Any  # the task's stream: iterable of batch dicts, state_dict() / load_state_dict()
     ctx: StepContext
     total_steps: int
     micro_batch: int
     step: int = 0  # optimizer steps done
     skipped: int = 0
     nonfinite_in_a_row: int = 0
+    best: dict[str, Any] | None = None  # {"step", "metric", "value"} of the best evaluation so far
 
 
 def seed_everything(seed: int) -> None:
@@ -75,93 +89,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def data_texts(data_cfg: dict) -> list[str]:
-    """Every text the data can produce, to train a tokenizer on: each class name (and synonym) in each template
-    for image-label sources, the captions for image-text sources."""
-    from florence.data.loader import build_source
-    from florence.data.templates import format_prompt
-
-    texts: list[str] = []
-    for spec in data_cfg.get("sources", []):
-        source = build_source(dict(spec))
-        if hasattr(source, "class_names"):
-            for name in source.class_names:
-                for n in [name] if isinstance(name, str) else name:
-                    texts += [format_prompt(t, n) for t in source.templates]
-        elif hasattr(source, "items"):
-            # captions that are not valid UTF-8 stay bytes in the source (the loader skips them): not tokenizer text
-            texts += [caption for _, caption, _ in source.items if isinstance(caption, str) and caption.strip()]
-        else:
-            raise ConfigError(f"model.train_tokenizer_vocab: cannot list the texts of data source {spec}")
-    return texts
-
-
-# -- model ------------------------------------------------------------------------------------------------------
-
-
-def build_tokenizer(cfg: RunConfig, env: DistEnv, run_dir: Path):
-    """The tokenizer to attach: trained on the data's texts into ``<run_dir>/tokenizer`` (rank 0, once: a resumed
-    run reuses it), loaded from ``model.tokenizer``, or None (keep the model's own)."""
-    from florence.tokenizer import load_tokenizer, train_bpe_tokenizer
-
-    if cfg.model.train_tokenizer_vocab:
-        out = run_dir / "tokenizer"
-        if env.is_main and not (out / "tokenizer.json").is_file():
-            texts = data_texts(cfg.data)
-            if not texts:
-                raise ConfigError("model.train_tokenizer_vocab: the data gives no texts to train a tokenizer on")
-            train_bpe_tokenizer(texts, out, vocab_size=cfg.model.train_tokenizer_vocab)
-        barrier()
-        return load_tokenizer(out)
-    if cfg.model.tokenizer:
-        return load_tokenizer(cfg.model.tokenizer)
-    return None
-
-
-def _check_bundle_tokenizer(tokenizer, model: nn.Module, m) -> None:
-    """A tokenizer given for (or trained at the start of) a run from a bundle must fit the bundle's text tower:
-    its vocabulary cannot grow, and the pad id must match."""
-    from florence.backbone.unicl import check_tokenizer
-
-    origin = "model.train_tokenizer_vocab" if m.train_tokenizer_vocab else "model.tokenizer"
+def resolve_task(cfg: RunConfig) -> Task:
+    """The configured task with its options validated (``ConfigError`` naming ``task.<key>``), before anything is
+    written."""
     try:
-        check_tokenizer(tokenizer, model.text_encoder)
-    except ValueError as err:
-        raise ConfigError(f"{origin} with model.pretrained={m.pretrained}: {err} (a bundle's text tower keeps its "
-                          "vocabulary; use its own tokenizer or a compatible one)") from None
-
-
-def build_model(cfg: RunConfig, tokenizer=None) -> nn.Module:
-    """A dual encoder from ``model.name`` (+ overrides), ``model.config`` or ``model.pretrained`` (a bundle)."""
-    import florence
-    from florence.backbone.unicl import build_unicl
-
-    m = cfg.model
-    text_overrides = {}
-    if tokenizer is not None:
-        text_overrides["vocab_size"] = len(tokenizer)
-    if m.pretrained is not None:
-        model = florence.from_pretrained(m.pretrained)
-        if tokenizer is not None:
-            _check_bundle_tokenizer(tokenizer, model, m)
-            model.tokenizer = tokenizer
-    elif m.name is not None:
-        overrides = dict(m.overrides)
-        if text_overrides:
-            overrides["text"] = {**overrides.get("text", {}), **text_overrides}
-        model = florence.create_model(m.name, tokenizer=tokenizer, **overrides)
-    else:
-        from florence.factory import merge_overrides
-
-        config = merge_overrides(m.config, m.overrides)
-        if text_overrides:
-            config = merge_overrides(config, {"text": text_overrides})
-        model = build_unicl(config, tokenizer=tokenizer)
-    if m.context_length is not None:
-        model.context_length = m.context_length
-    if m.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
+        cls = get_task(cfg.task_name)
+    except FlorenceError as err:
+        raise ConfigError(f"task: {err}") from None
+    task = cls(cfg, build_section(cls.Options, cfg.task_options, "task"))
+    if cfg.optim.grad_cache_chunk is not None and not cls.supports_grad_cache:
+        raise ConfigError(f"optim.grad_cache_chunk: task {cfg.task_name!r} does not support the gradient cache")
+    task.validate()
+    return task
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------
@@ -171,10 +110,10 @@ def _total_steps(cfg: RunConfig, loader: Any) -> int:
     """``schedule.steps``, or ``schedule.epochs`` x the loader's samples per epoch / the global batch."""
     if cfg.schedule.steps is not None:
         return cfg.schedule.steps
-    plan = getattr(getattr(loader, "sampler", None), "plan", None)
-    if plan is None:
+    per_epoch = getattr(loader, "samples_per_epoch", None)
+    if per_epoch is None:
         raise ConfigError("schedule.epochs needs map-style data sources (an epoch length); give schedule.steps")
-    return max(1, math.ceil(cfg.schedule.epochs * plan.epoch_length / cfg.optim.batch_size))
+    return max(1, math.ceil(cfg.schedule.epochs * per_epoch / cfg.optim.batch_size))
 
 
 def _micro_batch(cfg: RunConfig, env: DistEnv) -> int:
@@ -199,57 +138,92 @@ def _resume_path(cfg: RunConfig, run_dir: Path) -> Path | None:
     return path
 
 
-def _prepare_run_dir(cfg: RunConfig, env: DistEnv) -> Path:
+def _prepare_run_dir(cfg: RunConfig, env: DistEnv) -> tuple[Path, bool]:
+    """The run directory with the resolved config and versions; whether this call created it."""
     run_dir = Path(cfg.output.dir)
+    created = not run_dir.exists()
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         write_versions(run_dir)
     barrier()
-    return run_dir
+    return run_dir, created
 
 
 def _resume(state: TrainState, path: Path) -> None:
-    """Restore model, optimizer, scheduler, scaler, RNG states, data position and counters from ``path``."""
+    """Restore model, optimizer, scheduler, scaler, EMA, RNG states, data position and counters from ``path``."""
     ctx = state.ctx
     meta, data_state = ckpt.load_checkpoint(path, model=state.model, optimizer=ctx.optimizer,
-                                            scheduler=ctx.scheduler, scaler=ctx.precision.scaler, env=state.env)
+                                            scheduler=ctx.scheduler, scaler=ctx.precision.scaler, env=state.env,
+                                            ema=ctx.ema)
     state.loader.load_state_dict(data_state)
     state.step, state.skipped = meta["step"], meta.get("skipped", 0)
     state.nonfinite_in_a_row = meta.get("nonfinite_in_a_row", 0)
+    state.best = meta.get("best")
+    ctx.steps_taken = meta.get("steps_taken", state.step - state.skipped)
 
 
-def setup(cfg: RunConfig) -> TrainState:
-    """Everything ``fit`` needs, restored from the latest checkpoint when resuming."""
-    from florence.backbone.loss import UniCLLoss
-    from florence.data.loader import build_train_loader
+def _build_ema(cfg: RunConfig, model: nn.Module, env: DistEnv) -> nn.Module | None:
+    if cfg.optim.ema_decay is None:
+        return None
+    if env.distributed and cfg.distributed.strategy == "fsdp":
+        raise ConfigError("optim.ema_decay: not supported with distributed.strategy=fsdp (use ddp)")
+    from timm.utils import ModelEmaV3
 
+    return ModelEmaV3(model, decay=cfg.optim.ema_decay)
+
+
+def setup(cfg: RunConfig, task: Task | None = None) -> TrainState:
+    """Everything ``fit`` needs, restored from the latest checkpoint when resuming. A failure before training starts
+    removes a run directory this call created (no partial runs left behind)."""
+    task = task or resolve_task(cfg)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     env = init_distributed(cfg.distributed.backend)
-    run_dir = _prepare_run_dir(cfg, env)
+    run_dir, created = _prepare_run_dir(cfg, env)
+    try:
+        return _setup(cfg, task, env, run_dir)
+    except BaseException:
+        if created and env.is_main and ckpt.latest_checkpoint(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _setup(cfg: RunConfig, task: Task, env: DistEnv, run_dir: Path) -> TrainState:
     seed_everything(cfg.seed)  # identical model init on every rank (FSDP does not broadcast)
-    model = build_model(cfg, build_tokenizer(cfg, env, run_dir)).to(env.device)
-    model.train()  # from_pretrained (bundle, pretrained text tower) returns eval mode: dropout / drop-path back on
+    model = task.build_model(env, run_dir)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    try:
+        freeze_modules(model, cfg.optim.freeze)
+    except OptimConfigError as err:
+        raise ConfigError(str(err)) from None
+    model = model.to(env.device)
+    model.train()  # from_pretrained returns eval mode: dropout / drop-path back on
     precision = build_precision(cfg.precision.dtype, env.device)
     wrapped = wrap_model(model, env, cfg.distributed.strategy)
     o = cfg.optim  # the optimizer is built after wrapping: FSDP2 replaces the parameters by sharded ones
-    optimizer = build_optimizer(unwrap(wrapped), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps)
+    try:
+        optimizer = build_optimizer(unwrap(wrapped), lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps,
+                                    lr_mult=o.lr_mult, layer_decay=o.layer_decay,
+                                    decay_embeddings=o.decay_embeddings)
+    except OptimConfigError as err:
+        raise ConfigError(str(err)) from None
+    ema = _build_ema(cfg, unwrap(wrapped), env)
     seed_everything(cfg.seed + env.rank)  # per-rank dropout streams (augmentation is seeded per sample)
     micro = _micro_batch(cfg, env)
-    data_cfg = {"seed": cfg.seed, **cfg.data, "batch_size": micro}
-    loader = build_train_loader(data_cfg, preprocess=model.preprocess, tokenize=model.tokenize, rank=env.rank,
-                                world_size=env.world_size, run_dir=run_dir)
+    loader = task.build_loader(model, env, run_dir, micro)
     total = _total_steps(cfg, loader)
     s = cfg.schedule
     warmup = round(s.warmup_fraction * total) if s.warmup_fraction is not None else s.warmup_steps
-    scheduler = WarmupCosine(optimizer, total_steps=total, warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio)
+    scheduler = WarmupDecay(optimizer, total_steps=total, warmup_steps=warmup, min_lr_ratio=s.min_lr_ratio,
+                            decay=s.decay)
     ctx = StepContext(
-        model=wrapped, loss_fn=UniCLLoss(), optimizer=optimizer, scheduler=scheduler, precision=precision,
-        device=env.device, clip_grad_norm=o.clip_grad_norm, grad_cache_chunk=o.grad_cache_chunk,
+        model=wrapped, task=task, optimizer=optimizer, scheduler=scheduler, precision=precision, device=env.device,
+        clip_grad_norm=o.clip_grad_norm, grad_cache_chunk=o.grad_cache_chunk, ema=ema,
     )
-    state = TrainState(cfg=cfg, env=env, run_dir=run_dir, model=wrapped, loader=loader, ctx=ctx, total_steps=total,
-                       micro_batch=micro)
+    state = TrainState(cfg=cfg, task=task, env=env, run_dir=run_dir, model=wrapped, loader=loader, ctx=ctx,
+                       total_steps=total, micro_batch=micro)
     resume = _resume_path(cfg, run_dir)
     if resume is not None:
         _resume(state, resume)
@@ -271,11 +245,12 @@ def _batches(loader: Any) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def save(state: TrainState) -> Path:
-    counters = {"skipped": state.skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row}
+    counters = {"skipped": state.skipped, "nonfinite_in_a_row": state.nonfinite_in_a_row, "best": state.best,
+                "steps_taken": state.ctx.steps_taken}
     return ckpt.save_checkpoint(
         state.run_dir, step=state.step, model=state.model, optimizer=state.ctx.optimizer,
         scheduler=state.ctx.scheduler, scaler=state.ctx.precision.scaler, data_state=state.loader.state_dict(),
-        counters=counters, env=state.env, keep_last=state.cfg.checkpoint.keep_last,
+        counters=counters, env=state.env, keep_last=state.cfg.checkpoint.keep_last, ema=state.ctx.ema,
     )
 
 
@@ -303,6 +278,68 @@ def _progress(state: TrainState):
                 mininterval=1.0)
 
 
+# -- evaluation -------------------------------------------------------------------------------------------------
+
+
+def _model_for_bundle(state: TrainState) -> nn.Module | None:
+    """The trained model as a plain module on rank 0 (the EMA weights when kept; FSDP: the gathered full state dict
+    in a fresh copy); None on other ranks."""
+    if state.ctx.ema is not None:
+        return state.ctx.ema.module if state.env.is_main else None
+    model = state.model
+    if not is_fsdp(model):
+        return unwrap(model) if state.env.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state.env.is_main:
+        return None
+    fresh = state.task.build_model(state.env, state.run_dir)
+    fresh.load_state_dict(full)
+    return fresh.to(state.env.device)
+
+
+def _run_evaluation(state: TrainState, model: nn.Module | None) -> dict[str, float]:
+    """``task.evaluate`` on rank 0 in eval mode, without touching the training RNG streams (exact resume)."""
+    metrics: dict[str, float] = {}
+    if state.env.is_main and model is not None:
+        rng = ckpt.rng_state()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = dict(state.task.evaluate(model, state.env, state.run_dir, state.step))
+        finally:
+            model.train(was_training)
+            ckpt.set_rng_state(rng)
+    barrier()
+    return metrics
+
+
+def _better(value: float, best: dict[str, Any] | None, mode: str) -> bool:
+    return best is None or (value > best["value"] if mode == "max" else value < best["value"])
+
+
+def evaluate_and_keep_best(state: TrainState, writer: MetricsWriter) -> dict[str, float]:
+    """Periodic evaluation: metrics to ``metrics.jsonl`` (``eval/<name>``); ``<run_dir>/best`` replaced when
+    ``eval.best_metric`` improved."""
+    model = _model_for_bundle(state)
+    metrics = _run_evaluation(state, model)
+    if not state.env.is_main:
+        return metrics
+    writer.log({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    name = state.cfg.eval.best_metric
+    if name is not None and metrics:
+        if name not in metrics:
+            raise ConfigError(f"eval.best_metric: {name!r} is not a metric of task {state.task.name!r} "
+                              f"(it reports {sorted(metrics)})")
+        if _better(metrics[name], state.best, state.cfg.eval.best_mode):
+            state.best = {"step": state.step, "metric": name, "value": metrics[name]}
+            state.task.save_bundle(model, state.run_dir / "best")
+            (state.run_dir / "best.json").write_text(json.dumps({**state.best, "metrics": metrics}, indent=2))
+    return metrics
+
+
 KILL_AT_STEP_ENV = "FLORENCE_KILL_AT_STEP"
 
 
@@ -311,7 +348,8 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
     preemption in tests); return ``{step: loss}``.
 
     Preemption drill: with the environment variable ``FLORENCE_KILL_AT_STEP=k`` the process sends itself SIGKILL
-    right after optimizer step k (its metrics line and any checkpoint due written), as a real preemption would.
+    right after optimizer step k (its metrics line, evaluation and any checkpoint due written), as a real preemption
+    would.
     """
     cfg, env = state.cfg, state.env
     kill_at = int(os.environ[KILL_AT_STEP_ENV]) if os.environ.get(KILL_AT_STEP_ENV) else None
@@ -336,13 +374,19 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
                             refresh=False)
             bar.update(1)  # refreshes (postfix included) at most once per mininterval
             if state.step % cfg.output.log_every == 0 or state.step == state.total_steps or state.step == 1:
-                writer.log({"step": state.step, "loss": result.loss, "lr": result.lr, "images_per_s": images / seconds,
-                            "grad_norm": result.grad_norm, "skipped": state.skipped})
+                writer.log({"step": state.step, "loss": result.loss, **result.scalars, "lr": result.lr,
+                            "images_per_s": images / seconds, "grad_norm": result.grad_norm,
+                            "skipped": state.skipped})
+            every = cfg.eval.every_steps
+            if every and state.step % every == 0 and state.step < state.total_steps:
+                evaluate_and_keep_best(state, writer)
             every = cfg.checkpoint.every_steps
             if every and state.step % every == 0 and state.step < state.total_steps:
                 save(state)
             if state.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+        if state.step >= state.total_steps and cfg.eval.best_metric and cfg.eval.source:
+            evaluate_and_keep_best(state, writer)  # the last step competes for the best bundle too
     finally:
         bar.close()
         writer.close()
@@ -352,48 +396,45 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
 # -- end of run -------------------------------------------------------------------------------------------------
 
 
-def _full_model_for_bundle(state: TrainState) -> nn.Module | None:
-    """The trained model as a plain module on rank 0 (FSDP: gathered full state dict into a fresh copy)."""
-    model = state.model
-    if not is_fsdp(model):
-        return unwrap(model) if state.env.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not state.env.is_main:
-        return None
-    fresh = build_model(state.cfg, getattr(model, "tokenizer", None))
-    fresh.load_state_dict(full)
-    return fresh
-
-
 def finish(state: TrainState) -> Path:
     """Final checkpoint (unless one exists for this step) and the model bundle ``<run_dir>/final``."""
     latest = ckpt.latest_checkpoint(state.run_dir)
     if latest is None or latest.name != f"step_{state.step:08d}":
         save(state)
     final_dir = state.run_dir / "final"
-    model = _full_model_for_bundle(state)
+    model = _model_for_bundle(state)
     if model is not None:
-        model.save_pretrained(final_dir)
+        state.task.save_bundle(model, final_dir)
     barrier()
     return final_dir
 
 
-def run(cfg: RunConfig, *, stop_after_steps: int | None = None) -> TrainResult:
-    """Set up, train, save; ``stop_after_steps`` ends the call early without the final save (tests of resume)."""
+def evaluate_final(state: TrainState, final_dir: Path) -> dict[str, float]:
+    """The task's evaluation of the saved bundle, loaded back (``<run_dir>/eval.json``)."""
+    model = from_pretrained(final_dir).to(state.env.device) if state.env.is_main else None
+    metrics = _run_evaluation(state, model)
+    if state.env.is_main:
+        record = {"step": state.step, "task": state.task.name, "source": state.cfg.eval.source, "metrics": metrics,
+                  "max_images": state.cfg.eval.max_images}
+        (state.run_dir / "eval.json").write_text(json.dumps(record, indent=2))
+    return metrics
+
+
+def run(cfg: RunConfig, *, task: Task | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Set up, train, save, evaluate; ``stop_after_steps`` ends the call early without the final save (tests of
+    resume)."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    state = setup(cfg)
+    state = setup(cfg, task)
     try:
         losses = fit(state, stop_after_steps=stop_after_steps)
-        result = TrainResult(run_dir=state.run_dir, losses=losses, skipped=state.skipped)
+        result = TrainResult(run_dir=state.run_dir, losses=losses, skipped=state.skipped, best=state.best)
         if hasattr(state.loader, "bad_sample_summary") and state.env.is_main:
             result.bad_samples = state.loader.bad_sample_summary().format()
         if state.step >= state.total_steps:
             result.final_dir = finish(state)
-            if cfg.eval.zero_shot and state.env.is_main:
-                result.zero_shot_accuracy = evaluate_zero_shot(state)
+            if cfg.eval.source and cfg.eval.at_end:
+                result.eval_metrics = evaluate_final(state, result.final_dir)
         result.wall_time = time.perf_counter() - start
         return result
     finally:
@@ -401,64 +442,63 @@ def run(cfg: RunConfig, *, stop_after_steps: int | None = None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
-def evaluate_zero_shot(state: TrainState) -> float:
-    """Top-1 zero-shot accuracy of the saved bundle (``<run_dir>/final``, loaded back with
-    ``florence.from_pretrained``) on ``eval.source``, with the evaluation classifier of ``florence.adapters.zeroshot``
-    (prompt ensemble over the source's templates, first cleaned name of each class); top-1, top-5 and mean-per-class are
-    written to ``<run_dir>/zero_shot.json``."""
-    import json
+def config_docs() -> str:
+    """``docs/CONFIG.md``: the reference of every key, then each registered task's options."""
+    from florence.registry import task_names
 
-    import florence
-    from florence.adapters.zeroshot import build_zeroshot_classifier, classification_metrics, model_text_encoder
-    from florence.data.loader import build_source
-    from florence.data.templates import resolve_templates
-    from florence.data.transforms import build_transform
+    parts = ["# Run configuration reference", "",
+             "Generated from the config schema by `florence train --help-config --markdown`; "
+             "`florence train --help-config TASK` prints one task's.", "", "## Every task", "",
+             config_reference()]
+    for name in task_names():
+        cls = get_task(name)
+        parts += ["", f"## task: {name}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                  config_reference(cls).split("Options of ", 1)[1].split("\n", 1)[1].strip()]
+    return "\n".join(parts) + "\n"
 
-    device, ev = state.env.device, state.cfg.eval
-    model = florence.from_pretrained(state.run_dir / "final").to(device)  # eval mode
-    source = build_source(dict(ev.source))
-    if not hasattr(source, "class_names"):
-        raise ConfigError(f"eval.source {ev.source}: zero-shot needs an image-label source with class names")
-    names = list(source.class_names)  # prompts are formatted as in training (florence.data.templates.format_prompt)
-    templates = getattr(source, "templates", None) or resolve_templates(None)
-    classifier = build_zeroshot_classifier(model_text_encoder(model, device), names, templates,
-                                           batch_size=ev.batch_size).to(device)  # C, D
-    transform = build_transform(model.preprocess, train=False)
-    n = len(source) if ev.max_images is None else min(ev.max_images, len(source))
-    rng = random.Random(0)  # get() draws a prompt we do not use
-    scores, labels = [], []
-    with torch.no_grad():
-        for start in range(0, n, ev.batch_size):
-            samples = [source.get(i, rng) for i in range(start, min(start + ev.batch_size, n))]
-            images = torch.stack([transform(s.image) for s in samples]).to(device)  # B, 3, H, W
-            scores.append((model.encode_image(images).float() @ classifier.t()).cpu())  # B, C
-            labels += [s.label for s in samples]
-    metrics = classification_metrics(torch.cat(scores), torch.tensor(labels))
-    record = {**metrics, "images": n, "step": state.step, "source": ev.source, "max_images": ev.max_images}
-    (state.run_dir / "zero_shot.json").write_text(json.dumps(record, indent=2))
-    return metrics["top1"]
+
+USAGE = """usage: florence train CONFIG.yaml [section.key=value ...]
+
+Runs the task named by the config's `task:` key ({tasks}) with the shared engine. Every key, its type and default:
+`florence train --help-config [TASK]` (also docs/CONFIG.md)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """``florence train CONFIG [key=value ...]``."""
+    from florence.registry import task_names
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: florence train CONFIG.yaml [section.key=value ...]")
+        print(__doc__.split("\n\n")[0] + "\n\n" + USAGE.format(tasks=", ".join(task_names())))
         return 0 if argv else 2
+    if argv[0] == "--help-config" and argv[1:] == ["--markdown"]:
+        print(config_docs(), end="")
+        return 0
+    if argv[0] == "--help-config":
+        try:
+            print(config_reference(get_task(argv[1]) if len(argv) > 1 else None))
+        except FlorenceError as err:
+            print(f"florence train: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = load_config(argv[0], argv[1:])
-    except ConfigError as err:
+        result = run(cfg, task=resolve_task(cfg))
+    except FlorenceError as err:
         print(f"florence train: {err}", file=sys.stderr)
         return 2
-    result = run(cfg)
     if result.losses:
         first, last = min(result.losses), max(result.losses)
         print(f"trained steps {first}..{last}: loss {result.losses[first]:.4f} -> {result.losses[last]:.4f}; "
               f"{result.skipped} skipped; {result.wall_time:.1f}s; bundle: {result.final_dir}")
     if result.bad_samples:
         print(result.bad_samples)
-    if result.zero_shot_accuracy is not None:
-        print(f"zero-shot top-1 on the test split: {100 * result.zero_shot_accuracy:.2f}%")
+    if result.best:
+        print(f"best {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']}: "
+              f"{result.run_dir / 'best'}")
+    if result.eval_metrics:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
+        print(f"evaluation of the final bundle ({cfg.eval.source}): {shown}")
     return 0
 
 
