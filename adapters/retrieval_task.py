@@ -39,8 +39,9 @@ class RetrievalTask(UniCLTask):
         super().validate()
         if self.cfg.eval.source is not None:
             raise ConfigError("eval.source: the retrieval task evaluates on task.eval_captions")
-        if (self.cfg.eval.every_steps or self.cfg.eval.best_metric) and not self.options.eval_captions:
-            raise ConfigError("task.eval_captions: needed for eval.every_steps / eval.best_metric")
+
+    def has_evaluation(self) -> bool:
+        return self.options.eval_captions is not None
 
     def evaluate(self, model: nn.Module, env: DistEnv, run_dir: Path, step: int) -> dict[str, float]:
         o, ev = self.options, self.cfg.eval

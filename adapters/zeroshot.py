@@ -107,7 +107,8 @@ def encode_in_batches(encode_text: TextEncoder, texts: Sequence[str], batch_size
     return torch.cat(chunks)
 
 
-def model_text_encoder(model, device: torch.device | str = "cpu", task: str = "zero-shot classification") -> TextEncoder:
+def model_text_encoder(model, device: torch.device | str = "cpu",
+                       task: str = "zero-shot classification") -> TextEncoder:
     """A ``TextEncoder`` over a ``UniCLModel`` (``model.tokenize`` then ``model.encode_text``)."""
     require_dual_encoder(model, task)
 

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from florence.benchmarks import classnames as names
 from florence.data.errors import DataNotFound
 from florence.data.images import decode_image
+from florence.data.source_dataset import ImageList
 from florence.errors import FlorenceError
 
 Transform = Callable  # PIL image -> FloatTensor (3, H, W)
@@ -164,20 +165,6 @@ def _fixed_names(classnames: tuple[str, ...]):
         return list(classnames)
 
     return fix
-
-
-class ImageList(Dataset):
-    """Images from a list of paths with targets; decoded with ``florence.data.images.decode_image`` (an unusable file
-    raises ``BadSample`` naming it: the evaluation's bad-sample policy applies)."""
-
-    def __init__(self, paths: list[Path], targets: np.ndarray, transform: Transform):
-        self.paths, self.targets, self.transform = paths, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.transform(decode_image(self.paths[i])), torch.as_tensor(self.targets[i])
 
 
 def image_folder(folder: Path, transform: Transform, what: str):

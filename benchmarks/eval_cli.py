@@ -52,6 +52,7 @@ from florence.benchmarks import datasets as dsets
 from florence.benchmarks import plots
 from florence.data.bad_samples import BadSampleError
 from florence.data.eval_loader import EvalLoader, format_bad_report, map_batches
+from florence.data.source_dataset import ImageList
 from florence.data.templates import load_templates
 from florence.data.transforms import build_transform
 from florence.engine.metrics import library_versions
@@ -91,7 +92,6 @@ def _fraction(text: str) -> float:
 # Task flags: (the tasks that use it, with its help text there; the flag; argparse keywords). Each sub-command shows
 # its own flags; it also accepts the others, hidden, so that command lines written before the sub-commands had their
 # own help keep working (a hidden flag given a value is reported as ignored).
-_ALL = TASKS
 _TASK_FLAGS: list[tuple[dict[str, str], tuple[str, ...], dict]] = [
     ({**{t: "one of " + ", ".join(dsets.build_specs()) for t in CLASSIFICATION_TASKS},
       **{t: "a name for the result file (e.g. flickr30k, coco)" for t in RETRIEVAL_TASKS}},
@@ -112,12 +112,13 @@ _TASK_FLAGS: list[tuple[dict[str, str], tuple[str, ...], dict]] = [
       PROBE_TASKS}, ("--val-fraction",), dict(type=_fraction, default=0.2)),
     ({"linear-probe": "data the classifier is refitted on with the chosen C"},
      ("--refit",), dict(choices=("train+val", "train"), default="train+val")),
-    ({t: "L-BFGS iterations (CLIP protocol: 1000)" for t in PROBE_TASKS}, ("--max-iter",), dict(type=int, default=1000)),
+    ({t: "L-BFGS iterations (CLIP protocol: 1000)" for t in PROBE_TASKS},
+     ("--max-iter",), dict(type=int, default=1000)),
     ({t: "BLAS/OpenMP threads for the logistic-regression fits (default: the libraries' own; 1 is much faster on a "
          "machine shared with other busy processes)" for t in PROBE_TASKS},
      ("--probe-threads",), dict(type=int, default=None)),
-    ({"few-shot": "shots per class, one probe per value"}, ("--shots",), dict(type=int, nargs="+",
-                                                                                default=[1, 5, 10, 20, 50])),
+    ({"few-shot": "shots per class, one probe per value"},
+     ("--shots",), dict(type=int, nargs="+", default=[1, 5, 10, 20, 50])),
     ({"few-shot": "few-shot seeds", "retrieval-finetune": "training seed (the first value)"},
      ("--seeds",), dict(type=int, nargs="+", default=[0, 1, 2])),
     ({t: "Karpathy-style JSON or CSV (image,caption)" for t in RETRIEVAL_TASKS}, ("--captions",), dict(default=None)),
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _task_dests(task: str) -> set[str]:
     """The option names (``args`` attributes) that apply to ``task``."""
-    common = {a.dest for a in _common_parser()._actions}
+    common = set(vars(_common_parser().parse_args(["--model", "-"])))
     own = {flags[0].lstrip("-").replace("-", "_") for helps, flags, _ in _TASK_FLAGS if task in helps}
     return common | own | {"task"}
 
@@ -227,16 +228,18 @@ class _Context:
 
         x, y, from_cache = feats.cached_features(self.cache_dir, self.model_hash, self.transform_key, split_key,
                                                  self.args.precision, compute)
-        sidecar = None
+        kept_report = None  # <cache file>.bad.json: the skips of the run that filled the cache
         if self.cache_dir is not None:
             npz = feats.cache_path(self.cache_dir, self.model_hash, self.transform_key, split_key, self.args.precision)
-            sidecar = npz.with_name(npz.name[:-len(".npz")] + ".bad.json")
+            kept_report = npz.with_name(npz.name.removesuffix(".npz") + ".bad.json")
         if not from_cache:
             report = loader.report()
-            if sidecar is not None:
-                sidecar.write_text(json.dumps(report))
+            if kept_report is not None:
+                kept_report.write_text(json.dumps(report))
             return x, y, report
-        report = json.loads(sidecar.read_text()) if sidecar.is_file() else {"skipped": 0, "samples": []}
+        report = {"skipped": 0, "by_reason": {}, "samples": []}
+        if kept_report.is_file():
+            report = json.loads(kept_report.read_text())
         report.update(policy=self.args.on_bad_sample, evaluated=int(len(y)))
         if report["skipped"] and self.args.on_bad_sample == "raise":
             first = report["samples"][0]
@@ -443,7 +446,7 @@ def run_retrieval(ctx: _Context, name: str, root: Path) -> tuple[dict[str, Any],
     if missing:
         raise dsets.DatasetNotFound(f"{missing[0]}: image listed in {path} is missing ({len(missing)} missing)")
     targets = np.arange(len(pairs.image_paths))  # image index: the captions refer to images by it
-    split = dsets.EvalSplit(dsets.ImageList(pairs.image_paths, targets, ctx.transform), targets, [],
+    split = dsets.EvalSplit(ImageList(pairs.image_paths, targets, ctx.transform), targets, [],
                             [path, *pairs.image_paths])
     manifest = ctx.manifest(split)
     pooled, kept, bad = ctx.features(split, f"retrieval-{name}-{args.split}", manifest)

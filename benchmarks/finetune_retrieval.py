@@ -1,5 +1,5 @@
-"""Fine-tuned image-text retrieval (SPEC §8.5): continue UniCL training of both towers on the target pairs with the
-pre-training engine (``florence.engine.train.run``), then evaluate retrieval on the test split.
+"""Fine-tuned image-text retrieval (SPEC §8.5): the engine's ``retrieval`` task (``florence.adapters.retrieval_task``:
+continued UniCL training of both towers on the target pairs), then retrieval evaluated on the test split.
 
 Florence's recipe [FL §3.5]: UniCL loss, batch 3,072, 12 epochs, cosine decay, 200 warm-up steps, peak LR 2e-5. The
 training pairs (Karpathy ``train`` split, plus ``restval`` for COCO, or a CSV) are written to a caption table
@@ -58,6 +58,7 @@ def finetune_retrieval(bundle: str | Path, train_pairs: CaptionSet, run_dir: str
     table = write_caption_table(train_pairs, run_dir / "train_pairs.csv")
     batch = min(recipe.batch_size, len(train_pairs.captions))
     cfg = RunConfig(
+        task="retrieval",
         model=ModelConfig(pretrained=str(bundle)),
         data={"sources": [{"type": "caption_table", "path": str(table), "name": "retrieval_train"}],
               "num_workers": recipe.num_workers},

@@ -2,6 +2,8 @@
 
 - ``ZERO_SHOT``: Florence Table 1 (zero-shot classification; the dataset's metric, SPEC §8.2 convention).
 - ``LINEAR_PROBE``: Florence Table 2 (linear probe, CLIP protocol).
+- ``FINE_TUNED``: Florence Table 3 (ImageNet-1K fine-tuning, top-1 / top-5), beside ``florence eval classify``
+  results of fine-tuned classifiers.
 - ``RETRIEVAL``: Florence Table 5 (Flickr30K 1K test, MSCOCO 5K test; R@1 / R@5), zero-shot and fine-tuned.
 
 Each table maps a model name to ``{dataset: value}``; ``FLORENCE`` names Florence's row, ``CLIP_BASELINES`` the CLIP
@@ -49,6 +51,16 @@ LINEAR_PROBE: dict[str, dict[str, float]] = {
 }
 
 
+# Table 3: ImageNet-1K fine-tuning [FL-T3]; {model: {metric: value}}
+FINE_TUNED_IMAGENET: dict[str, dict[str, float]] = {
+    "BiT-L-ResNet152x4": {"top1": 87.54, "top5": 98.46},
+    "ALIGN-EfficientNet-L2": {"top1": 88.64, "top5": 98.67},
+    "ViT-G/14": {"top1": 90.45},
+    "CoAtNet-7": {"top1": 90.88},
+    "Florence-CoSwin-H": {"top1": 90.05, "top5": 99.02},
+}
+
+
 def _retrieval(f30k_i2t, f30k_t2i, coco_i2t, coco_t2i) -> dict[str, dict[str, float]]:
     """Per dataset, the four R@1/R@5 numbers under our metric names."""
     out: dict[str, dict[str, float]] = {}
@@ -87,7 +99,8 @@ RETRIEVAL_FINE_TUNED: dict[str, dict[str, dict[str, float]]] = {
 def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, float]]:
     """``[(model, value %), ...]`` for one result: Florence first, then the CLIP baselines (where reported).
 
-    ``task`` is ``zeroshot``, ``linear-probe``, ``retrieval`` or ``retrieval-finetune``; classification tables are
+    ``task`` is ``zeroshot``, ``linear-probe``, ``classify`` (Table 3), ``retrieval`` or ``retrieval-finetune``;
+    classification tables are
     compared on the dataset's paper metric only (``paper_metric``), retrieval tables per R@K key.
     """
     if task in ("zeroshot", "linear-probe"):
@@ -98,6 +111,11 @@ def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, floa
         table = ZERO_SHOT if task == "zeroshot" else LINEAR_PROBE
         rows = [(m, table[m].get(dataset)) for m in (FLORENCE, *CLIP_BASELINES)]
         return [(m, v) for m, v in rows if v is not None]
+    if task == "classify":  # Table 3 reports ImageNet only; the other rows are its baselines
+        if dataset != "imagenet":
+            return []
+        order = ["Florence-CoSwin-H"] + [m for m in FINE_TUNED_IMAGENET if m != "Florence-CoSwin-H"]
+        return [(m, FINE_TUNED_IMAGENET[m][metric]) for m in order if metric in FINE_TUNED_IMAGENET[m]]
     if task in ("retrieval", "retrieval-finetune"):
         table = RETRIEVAL_ZERO_SHOT if task == "retrieval" else RETRIEVAL_FINE_TUNED
         rows = [("Florence", table["Florence"].get(dataset, {}).get(metric))]

@@ -78,8 +78,9 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     lines.append("")
     for path, digest in models:
         lines.append(f"Model `{path}` (bundle SHA-256 `{str(digest)[:16]}…`).")
-    lines.append("Paper numbers: Florence Tables 1 (zero-shot), 2 (linear probe), 5 (retrieval); "
-                 "the difference is ours minus theirs, in points.")
+    lines.append("Paper numbers: Florence Tables 1 (zero-shot), 2 (linear probe), 3 (ImageNet fine-tuning: "
+                 "`classify` results, baselines in the last column), 5 (retrieval); the difference is ours minus "
+                 "theirs, in points.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,8 @@
 """``florence`` command line: a thin dispatcher; each sub-command lives with the code it drives.
 
-    florence train CONFIG [key=value ...]          pre-training / continued training (florence.engine.train)
+    florence train CONFIG [key=value ...]          any task by the config's task: key (florence.engine.train)
     florence eval TASK --model DIR --dataset NAME  evaluation protocols (florence.benchmarks.eval_cli)
+    florence predict --model DIR IMAGE...          classify your own images (florence.benchmarks.predict)
     florence report RESULTS...                     our numbers beside the paper's (florence.benchmarks.report)
     florence demo [--workdir DIR]                  the end-to-end Fashion-MNIST demo (florence.benchmarks.demo)
     florence models [PATTERN]                      list model names
@@ -16,6 +17,7 @@ _COMMANDS = {
     "eval": "florence.benchmarks.eval_cli",
     "report": "florence.benchmarks.report",
     "demo": "florence.benchmarks.demo",
+    "predict": "florence.benchmarks.predict",
 }
 
 

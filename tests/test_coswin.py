@@ -250,7 +250,7 @@ def test_window_order_after_shift_is_roll_then_pad_then_partition():
 
 
 @pytest.mark.parametrize("padded, window", [((14, 21), (7, 7)), ((4, 21), (4, 7)), ((14, 14), (14, 14)),
-                                            ((7, 7), (7, 7)), ((3, 8), (1, 4)), ((2, 6), (2, 3))])
+                                            ((7, 7), (7, 7)), ((3, 8), (1, 4)), ((2, 6), (2, 3)), ((4, 3), (2, 1))])
 def test_identity_partition_is_told_from_sizes(padded, window):
     order = window_order(padded, window, (0, 0))
     is_identity = torch.equal(order, torch.arange(order.numel()))

@@ -17,6 +17,7 @@ from timm.data import create_transform
 
 from florence.data import (
     BadSampleError,
+    DataConfigError,
     FASHION_MNIST_CLASSES,
     OPENAI_IMAGENET_TEMPLATES,
     UNICL_TEMPLATES,
@@ -32,9 +33,11 @@ from florence.data import (
     load_templates,
     make_prompt,
     seeded_rngs,
+    validate_data_config,
 )
 from florence.data.sources import CAPTION_LABEL_BIT, FASHION_MNIST_DIR
 from florence.data.templates import format_prompt
+from florence.errors import FlorenceError
 
 PREPROCESS = dict(input_size=[3, 32, 32], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bicubic",
                   crop_pct=1.0)
@@ -305,6 +308,55 @@ def test_transforms_match_timm():
         build_transform({"input_size": [3, 8, 8], "std": [1, 1, 1]}, train=True)
 
 
+def _reference_rgb(img: Image.Image) -> Image.Image:
+    """RGB as the transform should see it, written with Pillow directly: transparency composited on white."""
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "1", "CMYK", "I;16"])
+def test_any_pil_mode_becomes_the_models_channels(mode):
+    """Grey, palette, alpha (and other) PIL images go through the eval and train transforms (no broadcast error): the
+    eval output equals timm's own eval transform of the image converted to RGB; a 1-channel model gets grey."""
+    rgba = np.asarray(photo("astronaut", 40).convert("RGBA")).copy()
+    rgba[:20, :, 3] = 0  # a transparent top half
+    rgba[20:30, :, 3] = 128
+    img = Image.fromarray(rgba, "RGBA")
+    img = img.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257)
+    pre = dict(input_size=[3, 32, 32], mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3], interpolation="bicubic",
+               crop_pct=0.875)
+    got = build_transform(pre, train=False)(img)
+    ref = create_transform(32, is_training=False, interpolation="bicubic", mean=(0.4, 0.5, 0.6),
+                           std=(0.2, 0.25, 0.3), crop_pct=0.875)
+    expected = ref(_reference_rgb(img) if mode != "I;16" else img.convert("I").point(lambda v: v / 257).convert("RGB"))
+    assert got.shape == (3, 32, 32) and torch.allclose(got, expected, atol=1e-6)
+    with seeded_rngs(1):
+        assert build_transform(pre, train=True)(img).shape == (3, 32, 32)
+    grey_pre = dict(pre, input_size=[1, 32, 32], mean=[0.5], std=[0.25])
+    grey = build_transform(grey_pre, train=False)(img)
+    grey_ref = create_transform(32, is_training=False, interpolation="bicubic", mean=(0.5,), std=(0.25,),
+                                crop_pct=0.875)
+    assert grey.shape == (1, 32, 32)
+    if mode != "I;16":
+        assert torch.allclose(grey, grey_ref(_reference_rgb(img).convert("L")), atol=1e-6)
+    with seeded_rngs(1):
+        assert build_transform(grey_pre, train=True)(img).shape == (1, 32, 32)
+
+
+def test_grey_model_tensor_path_and_bad_preprocess():
+    pre = dict(input_size=[1, 28, 28], mean=[0.5], std=[0.25], interpolation="bicubic", crop_pct=1.0)
+    rgb = torch.from_numpy(np.array(photo("coffee", 28))).permute(2, 0, 1).contiguous()  # 3, 28, 28 uint8
+    via_tensor = build_transform(pre, train=False)(rgb)
+    via_pil = build_transform(pre, train=False)(Image.fromarray(rgb.permute(1, 2, 0).numpy()))
+    assert via_tensor.shape == (1, 28, 28) and (via_tensor - via_pil).abs().max() < 0.05  # luma rounding only
+    with pytest.raises(ValueError, match="mean needs 1 values"):
+        build_transform(dict(pre, mean=[0.5, 0.5, 0.5]), train=False)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        build_transform(dict(pre, input_size=[4, 28, 28]), train=False)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_small_grey_tensor_path(train):
     pre = dict(input_size=[3, 28, 28], mean=[0.286] * 3, std=[0.353] * 3, interpolation="bicubic", crop_pct=0.875)
@@ -452,15 +504,70 @@ def test_webdataset_workers_cls_resampled_and_bad(tmp_path):
 
 
 def test_config_errors(photo_dir):
-    with pytest.raises(KeyError, match="bogus"):
+    with pytest.raises(DataConfigError, match="data.bogus: unknown key"):
         build_train_loader({"sources": [{"type": "fashion_mnist"}], "batch_size": 2, "bogus": 1},
                            preprocess=PREPROCESS, tokenize=byte_tokenize)
-    with pytest.raises(ValueError, match="unknown data source type 'nope'"):
+    with pytest.raises(DataConfigError, match="data.sources\\[0\\].type: unknown data source type 'nope'"):
         build_train_loader({"sources": [{"type": "nope", "path": "x"}], "batch_size": 2}, preprocess=PREPROCESS,
                            tokenize=byte_tokenize)
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         build_train_loader({"sources": [{"type": "image_folder", "path": str(photo_dir / "does-not-exist")}],
                             "batch_size": 2}, preprocess=PREPROCESS, tokenize=byte_tokenize)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"sources": [{"type": "fashion_mnist", "pth": "x"}]}, "data.sources[0].pth: unknown key (known: name, path, "),
+    ({"sources": [{"type": "fashion_mnist"}], "augment": {"scael": [0.5, 1.0]}}, "data.augment.scael: unknown key"),
+    ({"sources": [{"type": "fashion_mnist"}], "augment": {"scale": [0.5, 2.0]}}, "data.augment.scale: expected [min"),
+    ({"sources": [{"type": "fashion_mnist"}], "augment": {"hflip": "yes"}}, "data.augment.hflip: expected a number"),
+    ({"sources": [{"type": "fashion_mnist"}], "augment": {"randaugment": "m9"}}, "data.augment.randaugment:"),
+    ({"sources": [{"type": "fashion_mnist", "split": "val"}]}, "data.sources[0].split: expected one of train, test"),
+    ({"sources": [{"type": "fashion_mnist"}, {"type": "image_folder"}]}, "data.sources[1].path: required"),
+    ({"sources": [{"type": "caption_table", "path": "c.csv", "templates": "unicl"}]}, "data.sources[0].templates: "
+                                                                                      "unknown key"),
+    ({"sources": [{"type": "label_table", "path": "t.csv", "class_names": []}]}, "data.sources[0].class_names:"),
+    ({"sources": [{"type": "image_folder", "path": "f", "templates": ["no placeholder"]}]},
+     "data.sources[0].templates: expected"),
+    ({"sources": [{"type": "image_folder", "path": "f", "weight": -1}]}, "data.sources[0].weight: expected a number"),
+    ({"sources": [{"type": "webdataset", "path": []}]}, "data.sources[0].path: expected a shard pattern"),
+    ({"sources": [{"type": "webdataset", "path": "a.tar", "resampled": "no"}]}, "data.sources[0].resampled:"),
+    ({"sources": [{"type": "webdataset", "path": "a.tar"}, {"type": "fashion_mnist"}]},
+     "data.sources: webdataset sources cannot be mixed"),
+    ({"sources": [{"type": "fashion_mnist", "weight": 0}]}, "data.sources: every sampling weight is 0"),
+    ({"sources": [{"type": "fashion_mnist"}], "num_workers": True}, "data.num_workers: expected an integer >= 0"),
+    ({"sources": [{"type": "fashion_mnist"}], "on_bad_sample": "ignore"}, "data.on_bad_sample: expected one of"),
+    ({"sources": []}, "data.sources: expected a non-empty list"),
+    ({"batch_size": 4}, "data.sources: required"),
+    ({"sources": ["fashion_mnist"]}, "data.sources[0]: expected a mapping"),
+])
+def test_validate_data_config_names_the_dotted_key(data, message):
+    with pytest.raises(DataConfigError) as err:
+        validate_data_config(data)
+    assert str(err.value).startswith(message), str(err.value)
+    assert isinstance(err.value, FlorenceError) and isinstance(err.value, ValueError)
+
+
+def test_validate_data_config_reads_no_data_and_accepts_the_packaged_recipes(tmp_path):
+    """Every data section shipped in configs/ is valid; a typo is found before any file is opened (the path does
+    not exist, yet the error is about the typo), and the loader reports the same error."""
+    import yaml
+
+    recipes = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+    checked = 0
+    for recipe in recipes:
+        data = yaml.safe_load(recipe.read_text()).get("data")
+        if data:
+            validate_data_config(data)
+            checked += 1
+    assert checked >= 1
+    typo = {"sources": [{"type": "image_folder", "path": str(tmp_path / "absent")}], "batch_size": 2,
+            "augment": {"hfilp": 0.5}}
+    with pytest.raises(DataConfigError, match="data.augment.hfilp: unknown key"):
+        validate_data_config(typo)
+    with pytest.raises(DataConfigError, match="data.augment.hfilp: unknown key"):
+        build_train_loader(typo, preprocess=PREPROCESS, tokenize=byte_tokenize)
+    validate_data_config({"sources": [{"type": "webdataset", "path": ["a.tar", "b.tar"], "class_names": ["x"],
+                                       "resampled": True, "shuffle_buffer": 0}], "seed": 3})
 
 
 def test_webdataset_honours_max_bad_retries(tmp_path):

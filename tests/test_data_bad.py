@@ -19,8 +19,10 @@ from florence.data import (
     clean_caption,
     decode_image,
     image_folder,
+    label_table,
     summarize_bad_samples,
 )
+from florence.data.errors import DataFileError
 
 PREPROCESS = dict(input_size=[3, 32, 32], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bicubic",
                   crop_pct=1.0)
@@ -244,6 +246,22 @@ def test_bad_jsonl_rows(tmp_path):
         reasons.append(info.value.reason)
     assert reasons[0].startswith("invalid JSON") and reasons[1].startswith("caption is not text")
     assert reasons[2].startswith("line is not valid UTF-8")
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_row_with_more_fields_than_the_header_is_an_error_naming_the_line(tmp_path, suffix, sep):
+    """An unquoted delimiter inside a caption must not cut the caption silently (csv.DictReader would drop the
+    rest): caption and label tables refuse the file, naming it and the line; a quoted field is fine."""
+    captions = tmp_path / f"captions{suffix}"
+    captions.write_text(f"image{sep}caption\na.png{sep}\"a dog{sep} running\"\nb.png{sep}a cat{sep} sleeping\n")
+    with pytest.raises(DataFileError, match=rf"captions\{suffix}:3: 3 fields but the header has 2"):
+        caption_table(captions)
+    labels = tmp_path / f"labels{suffix}"
+    labels.write_text(f"image{sep}label\na.png{sep}dog\nb.png{sep}cat{sep}extra\nc.png{sep}dog\n")
+    with pytest.raises(DataFileError, match=rf"labels\{suffix}:3:"):
+        label_table(labels)
+    captions.write_text(f"image{sep}caption\na.png{sep}\"a dog{sep} running\"\n")
+    assert caption_table(captions).items[0][1] == f"a dog{sep} running"
 
 
 def test_too_many_bad_in_a_row(tmp_path):

@@ -424,6 +424,9 @@ def test_bad_images_are_skipped_counted_and_reported(bundle, digits_with_bad_ima
         bad = json.loads((out / "few_shot_imagefolder.json").read_text())["bad_samples"]
         assert (bad["train"]["skipped"], bad["test"]["skipped"]) == (1, 2)
         assert bad["train"]["samples"][0]["file"] == str(root / "train" / "one" / "junk.png")
+    capsys.readouterr()
+    assert _run("few-shot", bundle, root, out, *few, "--on-bad-sample", "raise") == 2  # features from the cache
+    assert "junk.png" in capsys.readouterr().err
 
 
 def test_on_bad_sample_raise_names_the_file(bundle, digits_with_bad_images, tmp_path, capsys):
@@ -438,11 +441,10 @@ def test_on_bad_sample_raise_names_the_file(bundle, digits_with_bad_images, tmp_
 # --- command line ----------------------------------------------------------------------------------------------------
 
 
-def _help(*argv) -> str:
+def _help(*argv) -> None:
     with pytest.raises(SystemExit) as exit_info:
         eval_cli.main([*argv, "--help"])
     assert exit_info.value.code == 0
-    return exit_info
 
 
 @pytest.mark.parametrize("task, own, foreign", [
@@ -536,3 +538,25 @@ def test_classify_refuses_models_without_a_head(bundle, digits_folder, tmp_path,
     assert _run("classify", bundle, digits_folder, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "dual encoder without a classifier head" in err and "Traceback" not in err
+
+
+def test_retrieval_skips_a_bad_image_with_its_captions_and_marks_trivial_recalls(bundle, digits_folder, tmp_path,
+                                                                                    capsys):
+    import csv
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = [[f"test/{n}/12.png", f"a photo of the number {n}."] for n in DIGIT_NAMES[:6]]
+    rows.insert(2, [str(tmp_path / "bad.png"), "a broken picture"])
+    with open(tmp_path / "captions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption"], *rows])
+    code = eval_cli.main(["retrieval", "--model", str(bundle), "--dataset", "digits", "--data-root",
+                          str(digits_folder), "--captions", str(tmp_path / "captions.csv"), "--output",
+                          str(tmp_path / "out"), "--quiet", "--no-plots"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "retrieval_digits.json").read_text())
+    assert result["data"]["num_images"] == 6 and result["data"]["num_captions"] == 6  # the bad one left, its caption too
+    assert result["bad_samples"]["test"]["skipped"] == 1
+    assert result["bad_samples"]["test"]["samples"][0]["file"] == str(tmp_path / "bad.png")
+    assert result["trivial_metrics"] == ["image_to_text_R@10", "text_to_image_R@10"]  # 6 candidates each way
+    stdout = capsys.readouterr().out
+    assert "image_to_text_R@10 100.00% (trivial)" in stdout and "bad.png" in stdout

@@ -62,3 +62,16 @@ def test_directory_input_and_bad_files(tmp_path, capsys):
     assert "b.json" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="nope.json"):
         report.load_results([tmp_path / "nope.json"])
+
+
+def test_classify_results_beside_table_3(tmp_path, capsys):
+    """Fine-tuned ImageNet classification is shown beside Florence's Table 3 (90.05 / 99.02) and its baselines;
+    other datasets have no paper row."""
+    (tmp_path / "a.json").write_text(json.dumps(_result("classify", "imagenet", {"top1": 0.8, "top5": 0.95})))
+    (tmp_path / "b.json").write_text(json.dumps(_result("classify", "fashion_mnist", {"top1": 0.93})))
+    assert report.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| classify | imagenet | top1 | 80.00 | 90.05 | -10.05 | BiT-L-ResNet152x4 87.5 (-7.54);" in text
+    assert "CoAtNet-7 90.9 (-10.88)" in text
+    assert "| classify | imagenet | top5 | 95.00 | 99.02 | -4.02 |" in text
+    assert "| classify | fashion_mnist | top1 | 93.00 | – | – | – |" in text

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from florence.adapters import retrieval as rt
+from florence.data.errors import DataFileError
 
 # 3 images; captions 0, 1 belong to image 0, caption 2 to image 1, captions 3, 4 to image 2
 TEXT_TO_IMAGE = np.array([0, 0, 1, 2, 2])
@@ -77,8 +79,31 @@ def test_karpathy_json_and_csv_readers(tmp_path):
     (tmp_path / "bad.csv").write_text("file,text\nx.png,a cat\n")
     with pytest.raises(ValueError, match="bad.csv"):
         rt.load_caption_csv(tmp_path / "bad.csv", tmp_path)
+    # an unquoted comma: an error naming the file and line, never a caption cut at the comma
+    (tmp_path / "comma.csv").write_text('image,caption\nx.png,"a cat, sitting"\ny.png,a dog, running\n')
+    with pytest.raises(DataFileError, match=r"comma.csv:3: 3 fields but the header has 2"):
+        rt.load_caption_csv(tmp_path / "comma.csv", tmp_path)
     with pytest.raises(FileNotFoundError, match="nothere.json"):
         rt.load_karpathy_json(tmp_path / "nothere.json", tmp_path)
+
+
+def test_keep_images_drops_their_captions_and_renumbers():
+    pairs = rt.CaptionSet([Path("a"), Path("b"), Path("c")], ["a1", "b1", "a2", "c1", "b2"],
+                          np.array([0, 1, 0, 2, 1]), Path("caps.csv"))
+    kept = pairs.keep_images([0, 2])  # b was a bad image
+    assert kept.image_paths == [Path("a"), Path("c")] and kept.captions == ["a1", "a2", "c1"]
+    assert kept.text_to_image.tolist() == [0, 0, 1] and kept.source == Path("caps.csv")
+
+
+def test_trivial_recall_metrics():
+    """R@K cannot miss when K is at least the number of candidates: image->text ranks captions, text->image images."""
+    assert rt.trivial_recall_metrics(num_images=8, num_captions=40) == ["text_to_image_R@10"]
+    assert rt.trivial_recall_metrics(num_images=3, num_captions=5) == [
+        "image_to_text_R@5", "image_to_text_R@10", "text_to_image_R@5", "text_to_image_R@10"]
+    assert rt.trivial_recall_metrics(num_images=1000, num_captions=5000) == []
+    sim = np.random.default_rng(0).normal(size=(8, 40))  # any scores: the trivial ones are 1.0
+    metrics = rt.recall_at_k(sim, np.repeat(np.arange(8), 5))
+    assert all(metrics[name] == 1.0 for name in rt.trivial_recall_metrics(8, 40))
 
 
 # DATA.md: the eight scikit-image photos with the captions of OpenAI's CLIP notebook
@@ -202,3 +227,42 @@ def test_finetuned_retrieval_trains_through_the_engine(tmp_path, one_thread):
     keys = ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5")
     gain = sum(after["metrics"][k] - before["metrics"][k] for k in keys)
     assert gain > 0.5, (before["metrics"], after["metrics"])
+
+
+@pytest.mark.slow
+def test_retrieval_task_evaluates_during_training_like_eval_cli(tmp_path, one_thread):
+    """``task: retrieval``: R@K on ``task.eval_captions`` every N steps in metrics.jsonl, the best bundle kept by
+    ``text_to_image_R@1``, and the final evaluation equals ``florence eval retrieval`` on the same bundle."""
+    pytest.importorskip("skimage")
+    import florence
+    from florence.benchmarks import eval_cli
+    from florence.engine.config import config_from_dict
+    from florence.engine.metrics import read_metrics
+    from florence.engine.train import run
+    from florence.tokenizer import train_bpe_tokenizer
+
+    photos = tmp_path / "photos"
+    _skimage_photos(photos)
+    train_bpe_tokenizer(list(PHOTOS.values()) * 4, tmp_path / "tok", vocab_size=400, min_frequency=1)
+    torch.manual_seed(0)
+    base = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "base")
+    captions = str(photos / "captions.csv")
+    result = run(config_from_dict({
+        "task": {"name": "retrieval", "eval_captions": captions},
+        "model": {"pretrained": str(base)},
+        "data": {"sources": [{"type": "caption_table", "path": captions, "root": str(photos)}]},
+        "optim": {"lr": 1e-3, "batch_size": 8}, "schedule": {"steps": 20, "warmup_steps": 2},
+        "eval": {"every_steps": 10, "best_metric": "text_to_image_R@1"},
+        "checkpoint": {"every_steps": None},
+        "output": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False, "log_every": 5},
+    }))
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval/text_to_image_R@1" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert (tmp_path / "run" / "best" / "manifest.json").is_file()
+    assert eval_cli.main(["retrieval", "--model", str(result.final_dir), "--dataset", "skimage8", "--data-root",
+                          str(photos), "--captions", captions, "--output", str(tmp_path / "eval"), "--quiet",
+                          "--no-plots", "--no-cache"]) == 0
+    reference = json.loads((tmp_path / "eval" / "retrieval_skimage8.json").read_text())["metrics"]
+    assert result.eval_metrics.keys() == reference.keys()
+    for key, value in reference.items():
+        assert result.eval_metrics[key] == pytest.approx(value, abs=1e-9), key

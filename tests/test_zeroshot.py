@@ -170,3 +170,99 @@ def test_template_sets_have_clip_counts():
     assert len(get_template_set("imagenet")) == 80
     assert all(t.count("{}") == 1 for v in DATASET_TEMPLATES.values() for t in v)
     assert DATASET_TEMPLATES["food101"] == ("a photo of {}, a type of food.",)
+
+
+def test_classifier_matches_open_clip_on_the_same_encoder():
+    """Same text encoder, class names and templates: our prompt-ensemble classifier equals open_clip's
+    ``build_zero_shot_classifier`` (which returns it transposed, (D, C)), column for column in the class order."""
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    encode, _ = _toy_encoder()
+
+    class Shim:  # open_clip calls tokenizer(texts).to(device) and model.encode_text(tokens, normalize=True)
+        def tokenizer(self, texts):
+            self.texts = texts
+            return torch.zeros(len(texts))
+
+        def encode_text(self, tokens, normalize=True):
+            return F.normalize(encode(self.texts), dim=-1)
+
+    shim = Shim()
+    classnames = ["ankle boot", "bag", "coat", "dress", "pullover"]
+    templates = ["a photo of a {}.", "a blurry photo of the {}.", "itap of my {}."]
+    reference = build_zero_shot_classifier(shim, shim.tokenizer, classnames, templates, num_classes_per_batch=2)
+    ours = zs.build_zeroshot_classifier(encode, classnames, templates, batch_size=4)
+    assert torch.allclose(ours, reference.T, atol=1e-6)
+
+
+class _Colours(torch.utils.data.Dataset):
+    """Solid-colour 2x2 images labelled red 0 / green 1 / blue 2; sample 2 is an undecodable file."""
+
+    items = [(0, 0), (2, 2), None, (1, 1), (0, 0)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from florence.data.images import BadSample
+
+        if self.items[i] is None:
+            raise BadSample("broken.png", "empty file")
+        channel, label = self.items[i]
+        image = torch.zeros(3, 2, 2)
+        image[channel] = 1.0
+        return image, label
+
+
+class _ColourModel(torch.nn.Module):
+    """A dual encoder that sees colours: an image is its mean colour, a prompt is the one-hot of the colour it
+    names. Zero-shot classification of _Colours is then exact."""
+
+    names = ("red", "green", "blue")
+
+    def __init__(self):
+        super().__init__()
+        self.image_projection = torch.nn.Linear(3, 3, bias=False)
+
+    def tokenize(self, texts):
+        ids = torch.tensor([[next(i for i, n in enumerate(self.names) if n in t)] for t in texts])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def encode_text(self, input_ids, attention_mask, normalize=True):
+        return F.one_hot(input_ids[:, 0], 3).float()
+
+    def encode_image(self, images, normalize=True):
+        return F.normalize(images.mean(dim=(2, 3)), dim=-1)
+
+
+def test_evaluate_zeroshot_skips_bad_samples_and_restores_the_mode():
+    model = _ColourModel().train()
+    ev = zs.evaluate_zeroshot(model, _Colours(), list(_ColourModel.names), batch_size=2)
+    assert model.training  # restored
+    assert ev.metrics == {"top1": 1.0, "top5": 1.0, "mean_per_class": 1.0}
+    assert ev.targets.tolist() == [0, 2, 1, 0] and ev.scores.shape == (4, 3)
+    assert ev.scores.argmax(1).tolist() == [0, 2, 1, 0]
+    assert ev.bad_samples["skipped"] == 1 and ev.bad_samples["evaluated"] == 4
+    assert ev.bad_samples["samples"] == [{"file": "broken.png", "reason": "empty file"}]
+    assert ev.trivial_metrics == ["top5"]  # 3 classes
+    from florence.data.bad_samples import BadSampleError
+
+    with pytest.raises(BadSampleError, match="broken.png: empty file"):
+        zs.evaluate_zeroshot(model, _Colours(), list(_ColourModel.names), on_bad_sample="raise")
+
+
+def test_evaluate_zeroshot_default_templates_are_the_80_clip_templates():
+    import inspect
+
+    from florence.data.templates import OPENAI_IMAGENET_TEMPLATES, UNICL_TEMPLATES
+
+    default = inspect.signature(zs.evaluate_zeroshot).parameters["templates"].default
+    assert default is zs.DEFAULT_TEMPLATES == OPENAI_IMAGENET_TEMPLATES and len(default) == 80
+    assert len(UNICL_TEMPLATES) == 81  # training's set: "{}." + the 80
+
+
+def test_an_image_tower_is_refused_with_a_user_error():
+    from florence.errors import FlorenceError
+
+    with pytest.raises(FlorenceError, match="needs a dual encoder"):
+        zs.evaluate_zeroshot(torch.nn.Linear(2, 2), _Colours(), ["a", "b"])

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-size", type=int, default=None,
                         help="matmul size for the peak measurement (default 2048 on CPU, 8192 on CUDA)")
     parser.add_argument("--test-size", action="store_true",
-                        help="coswin_test widths and depths for all models (a smoke run of the script, not a benchmark)")
+                        help="coswin_test widths and depths for all models (a smoke run, not a benchmark)")
     parser.add_argument("--json", type=str, default=None, help="also write the rows and ratios to this file")
     args = parser.parse_args(argv)
     device = resolve_device(parser, args)

@@ -13,10 +13,11 @@ Rows:
 - ``florence tiny grad-cache B=<n>``: one gradient-cached step at global batch 256 and 2048 with the same chunk size
   (peak memory should stay nearly flat), and the plain step at 256 for contrast.
 
-Every row runs in a fresh process (``multiprocessing`` spawn) so the peak-memory numbers do not mix. Peak memory:
-on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak resident set size
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its resident size after building the model, inputs and
-optimizer (so it counts activations, gradients and optimizer state, not the weights or the Python runtime).
+Every row runs in a fresh process (``multiprocessing`` spawn; ``--in-process`` for a smoke run) so the peak-memory
+numbers do not mix. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak
+resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its resident size after building the model,
+inputs and optimizer (so it counts activations, gradients and optimizer state, not the weights or the Python
+runtime).
 Images/s is the global batch divided by the median step time over ``--steps`` timed steps after one warm-up step
 (on CUDA each timed step is bracketed by synchronisations). The warm-up step's FLOPs are counted with
 ``FlopCounterMode`` (forward + backward as executed: the gradient-cached step's re-forward counts too; AdamW's
@@ -32,7 +33,9 @@ import argparse
 import multiprocessing as mp
 import resource
 import statistics
+import traceback
 from dataclasses import asdict, dataclass
+from queue import Empty
 
 import torch
 
@@ -134,7 +137,7 @@ def _open_clip_step(model, inputs, precision, optimizer):
 
 def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, threads: int, device: str,
             chunk: int | None = None) -> Row:
-    """One row, in this process (call through ``_in_subprocess``)."""
+    """One row, in this process (``main`` calls it through ``_in_subprocess`` unless ``--in-process``)."""
     from florence.engine.precision import build_precision
 
     torch.set_num_threads(threads)
@@ -165,17 +168,30 @@ def measure(library: str, model_name: str, dtype: str, batch: int, steps: int, t
 
 
 def _worker(queue, kwargs):
-    queue.put(measure(**kwargs))
+    try:
+        queue.put((True, measure(**kwargs)))
+    except BaseException:  # the parent waits on the queue: send the failure, never leave it waiting
+        queue.put((False, traceback.format_exc()))
+        raise
 
 
 def _in_subprocess(**kwargs) -> Row:
+    """``measure(**kwargs)`` in a fresh spawned process; its failure (or death) is a RuntimeError here."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(queue, kwargs))
     proc.start()
-    row = queue.get()
+    while True:
+        try:
+            ok, value = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive() and queue.empty():
+                raise RuntimeError(f"the row {kwargs} died with exit code {proc.exitcode}") from None
     proc.join()
-    return row
+    if not ok:
+        raise RuntimeError(f"the row {kwargs} failed:\n{value}")
+    return value
 
 
 def markdown(rows: list[Row], ratios: dict[str, dict[str, float]]) -> str:
@@ -204,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="global batches of the gradient-cache rows (none: skip those rows)")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="matmul size for the peak measurement (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the rows in this process, not one fresh process each (a smoke run: the peak memory "
+                             "figures then carry over from row to row)")
     parser.add_argument("--json", type=str, default=None, help="also write the rows, ratios and peaks to this file")
     args = parser.parse_args(argv)
     device = resolve_device(parser, args)
@@ -213,26 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     peak_dtypes = ["fp32", *args.dtypes]  # the gradient-cache rows are fp32
     peaks = measure_peaks(device, peak_dtypes, peak_size)
     common = dict(steps=args.steps, threads=args.threads, device=str(device))
+    measure_row = measure if args.in_process else _in_subprocess
 
     rows, ratios = [], {}
     for model in args.models:
         batch = args.batch_tiny if model == "tiny" else args.batch_coswin_tiny
         for dtype in args.dtypes:
-            ours = _in_subprocess(library="florence", model_name=model, dtype=dtype, batch=batch, **common)
-            theirs = _in_subprocess(library="open_clip", model_name=model, dtype=dtype, batch=batch, **common)
+            ours = measure_row(library="florence", model_name=model, dtype=dtype, batch=batch, **common)
+            theirs = measure_row(library="open_clip", model_name=model, dtype=dtype, batch=batch, **common)
             ratios[ours.name] = {"images_per_s": ours.images_per_s / theirs.images_per_s,
                                  "flops_per_s": ours.flops_per_s / theirs.flops_per_s}
             rows += [ours, theirs]
             print(f"{ours.name}: {ours.images_per_s:.1f} img/s; {theirs.name}: {theirs.images_per_s:.1f} img/s",
                   flush=True)
     if args.cache_batches:
-        plain = _in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=min(args.cache_batches),
-                               **{**common, "steps": 1})
+        plain = measure_row(library="florence", model_name="tiny", dtype="fp32", batch=min(args.cache_batches),
+                            **{**common, "steps": 1})
         plain.name += " (no grad cache)"
         rows.append(plain)
     for batch in args.cache_batches:
-        rows.append(_in_subprocess(library="florence", model_name="tiny", dtype="fp32", batch=batch,
-                                   chunk=args.chunk, **{**common, "steps": 1}))
+        rows.append(measure_row(library="florence", model_name="tiny", dtype="fp32", batch=batch, chunk=args.chunk,
+                                **{**common, "steps": 1}))
         print(f"grad cache B={batch}: {rows[-1].peak_mib:.0f} MiB", flush=True)
     peaks = measure_peaks(device, peak_dtypes, peak_size, previous=peaks)  # before and after: the better
     for row in rows:

@@ -1,4 +1,8 @@
-"""Training data for UniCL: sources, mixing, transforms, the bad-sample policy and the batch collate.
+"""Data for training and evaluation: sources, mixing, transforms, the bad-sample policy and the batch collate.
+
+Evaluation reads datasets of ``(image tensor, target)`` through ``EvalLoader`` (``florence.data.eval_loader``): the
+same bad-sample policy as training, but a bad sample is left out (counted, with file and reason) rather than
+replaced; ``map_batches(fn, loader)`` runs a model over the good batches.
 
 Engine entry point::
 
@@ -41,6 +45,7 @@ ones included, without reading data, and raises ``DataConfigError`` naming the d
 """
 from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSummary, summarize_bad_samples
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
+from florence.data.eval_loader import EvalLoader, format_bad_report, map_batches
 from florence.data.images import BadSample, clean_caption, decode_image, normalize_caption, to_rgb
 from florence.data.loader import (
     TrainDataset,
@@ -76,11 +81,11 @@ from florence.data.transforms import ImageTransform, build_transform, seeded_rng
 
 __all__ = [
     "BadSample", "BadSampleError", "BadSampleLog", "BadSampleSummary", "CaptionSource", "DataConfigError",
-    "DataFileError", "DataNotFound", "FASHION_MNIST_CLASSES",
-    "FashionMNISTSource", "ImageLabelSource", "ImageTransform", "MixturePlan", "MixtureSampler",
-    "OPENAI_IMAGENET_TEMPLATES", "RawSample", "TrainDataset", "TrainLoader", "UNICL_TEMPLATES", "build_source",
-    "build_train_loader", "build_transform", "caption_label", "caption_table", "clean_caption", "clean_class_name",
-    "collate", "decode_image", "image_folder", "label_offsets", "label_table", "load_templates", "make_prompt",
-    "normalize_caption", "read_idx", "resolve_templates", "sample_seed", "seeded_rngs", "summarize_bad_samples",
-    "to_rgb", "validate_data_config", "validate_source_spec",
+    "DataFileError", "DataNotFound", "EvalLoader", "FASHION_MNIST_CLASSES", "FashionMNISTSource",
+    "ImageLabelSource", "ImageTransform", "MixturePlan", "MixtureSampler", "OPENAI_IMAGENET_TEMPLATES", "RawSample",
+    "TrainDataset", "TrainLoader", "UNICL_TEMPLATES", "build_source", "build_train_loader", "build_transform",
+    "caption_label", "caption_table", "clean_caption", "clean_class_name", "collate", "decode_image",
+    "format_bad_report", "image_folder", "label_offsets", "label_table", "load_templates", "make_prompt",
+    "map_batches", "normalize_caption", "read_idx", "resolve_templates", "sample_seed", "seeded_rngs",
+    "summarize_bad_samples", "to_rgb", "validate_data_config", "validate_source_spec",
 ]

@@ -33,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSummary
+from florence.data.errors import DataConfigError
 from florence.data.images import BadSample, clean_caption, decode_image
 from florence.data.mixing import label_offsets, sample_seed, split_counts, text_rng
 from florence.data.sources import caption_label, load_class_names
@@ -40,7 +41,6 @@ from florence.data.templates import make_prompt, resolve_templates
 from florence.data.transforms import ImageTransform, seeded_rngs
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "gif")
-SPEC_KEYS = {"type", "path", "weight", "resampled", "shuffle_buffer", "class_names", "templates", "name"}
 
 
 class WebDatasetSource:
@@ -52,7 +52,7 @@ class WebDatasetSource:
                  name: str = "webdataset"):
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
         if not self.urls:
-            raise ValueError(f"webdataset source {name!r}: no shards in {urls!r}")
+            raise DataConfigError(f"webdataset source {name!r}: no shards in {urls!r}")
         self.class_names = load_class_names(class_names) if class_names is not None else None
         self.kind = "label" if self.class_names is not None else "text"
         self.templates = resolve_templates(templates)
@@ -139,8 +139,9 @@ class WebDatasetStream(IterableDataset):
                                          worker_seed=functools.partial(_const, 0))
         else:
             if len(source.urls) < self.world_size * num_workers:
-                raise ValueError(f"webdataset source {source.name!r}: {len(source.urls)} shards cannot feed "
-                                 f"{self.world_size} ranks x {num_workers} workers; use more shards or resampled: true")
+                raise DataConfigError(f"webdataset source {source.name!r}: {len(source.urls)} shards cannot feed "
+                                      f"{self.world_size} ranks x {num_workers} workers; use more shards or "
+                                      "resampled: true")
             shards = functools.partial(_shard_cycle, source.urls, seed=self.seed + i, rank=self.rank,
                                        world_size=self.world_size, worker=worker, num_workers=num_workers)
         stages = [shards, wds.tarfile_to_samples(handler=handler)]
@@ -207,16 +208,14 @@ def build_webdataset_loader(specs: Sequence[dict[str, Any]], *, transform: Image
                             collate_fn: Callable, batch_size: int, rank: int, world_size: int, seed: int,
                             num_workers: int, max_bad_retries: int = 16) -> WebDatasetLoader:
     """A :class:`WebDatasetLoader` from ``type: webdataset`` source specs (all sources must be webdataset)."""
+    from florence.data.loader import validate_source_spec
+
     sources = []
-    for spec in specs:
-        if spec.get("type") != "webdataset":
-            raise ValueError(f"webdataset sources cannot be mixed with map-style sources (got {spec.get('type')!r})")
-        unknown = set(spec) - SPEC_KEYS
-        if unknown:
-            raise KeyError(f"unknown key(s) {sorted(unknown)} in webdataset source {spec} "
-                           f"(allowed: {sorted(SPEC_KEYS)})")
-        if "path" not in spec:
-            raise KeyError(f"webdataset source needs a 'path' (shard pattern or list): {spec}")
+    for i, spec in enumerate(specs):
+        validate_source_spec(spec, f"data.sources[{i}]")
+        if spec["type"] != "webdataset":
+            raise DataConfigError(f"data.sources[{i}].type: webdataset sources cannot be mixed with map-style "
+                                  f"sources (got {spec['type']!r})")
         sources.append(WebDatasetSource(spec["path"], class_names=spec.get("class_names"),
                                         templates=spec.get("templates"),
                                         resampled=spec.get("resampled", False),

@@ -100,7 +100,7 @@ class OutputConfig:
 class EvalConfig:
     source: dict | None = None  # the task's evaluation data, a data-source spec, e.g. {type: fashion_mnist, split: test}
     every_steps: int | None = None  # evaluate every N optimizer steps (metrics.jsonl "eval/<metric>")
-    at_end: bool = True  # evaluate the final model (when eval.source is set)
+    at_end: bool = True  # evaluate the final bundle (when the task has evaluation data)
     batch_size: int = 256  # evaluation batch
     max_images: int | None = None  # evaluate on the first N images only
     best_metric: str | None = None  # keep <run_dir>/best, the bundle with the best value of this metric
@@ -147,8 +147,6 @@ class RunConfig:
             raise ConfigError(f"schedule.decay: expected cosine or linear, got {self.schedule.decay!r}")
         if self.eval.best_mode not in ("max", "min"):
             raise ConfigError(f"eval.best_mode: expected max or min, got {self.eval.best_mode!r}")
-        if (self.eval.every_steps or self.eval.best_metric) and not self.eval.source:
-            raise ConfigError("eval.every_steps / eval.best_metric: give eval.source, the evaluation data")
         if self.optim.layer_decay is not None and not 0 < self.optim.layer_decay <= 1:
             raise ConfigError("optim.layer_decay: must be in (0, 1]")
         if self.optim.ema_decay is not None and not 0 < self.optim.ema_decay < 1:

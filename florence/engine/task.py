@@ -103,6 +103,10 @@ class Task:
     def after_step(self, model: nn.Module) -> None:
         """Called with the unwrapped model after every optimizer step that was taken."""
 
+    def has_evaluation(self) -> bool:
+        """Whether the config gives this task evaluation data (default: ``eval.source``)."""
+        return self.cfg.eval.source is not None
+
     def evaluate(self, model: nn.Module, env: DistEnv, run_dir: Path, step: int) -> dict[str, float]:
         """Metrics of ``model`` (plain module in eval mode, on ``env.device``; rank 0 only). Empty: nothing to do."""
         return {}

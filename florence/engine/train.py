@@ -52,7 +52,7 @@ class NonFiniteLossError(FlorenceError, RuntimeError):
 class TrainResult:
     """run_dir: the run directory; losses: loss per optimizer step run by this call (1-based steps as keys);
     final_dir: the model bundle; skipped: steps skipped for a non-finite loss; wall_time: seconds;
-    eval_metrics: the task's metrics of the final bundle (when ``eval.source`` is set and ``eval.at_end``);
+    eval_metrics: the task's metrics of the final bundle (when the task has evaluation data and ``eval.at_end``);
     best: ``{"step", "metric", "value"}`` of ``<run_dir>/best`` when ``eval.best_metric`` is set;
     bad_samples: the skipped-sample summary (rank 0)."""
 
@@ -100,6 +100,9 @@ def resolve_task(cfg: RunConfig) -> Task:
     if cfg.optim.grad_cache_chunk is not None and not cls.supports_grad_cache:
         raise ConfigError(f"optim.grad_cache_chunk: task {cfg.task_name!r} does not support the gradient cache")
     task.validate()
+    if (cfg.eval.every_steps or cfg.eval.best_metric) and not task.has_evaluation():
+        raise ConfigError(f"eval.every_steps / eval.best_metric: task {cfg.task_name!r} has no evaluation data "
+                          "(eval.source, or the task's own option)")
     return task
 
 
@@ -385,7 +388,7 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
                 save(state)
             if state.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        if state.step >= state.total_steps and cfg.eval.best_metric and cfg.eval.source:
+        if state.step >= state.total_steps and cfg.eval.best_metric:
             evaluate_and_keep_best(state, writer)  # the last step competes for the best bundle too
     finally:
         bar.close()
@@ -433,7 +436,7 @@ def run(cfg: RunConfig, *, task: Task | None = None, stop_after_steps: int | Non
             result.bad_samples = state.loader.bad_sample_summary().format()
         if state.step >= state.total_steps:
             result.final_dir = finish(state)
-            if cfg.eval.source and cfg.eval.at_end:
+            if cfg.eval.at_end and state.task.has_evaluation():
                 result.eval_metrics = evaluate_final(state, result.final_dir)
         result.wall_time = time.perf_counter() - start
         return result
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{result.run_dir / 'best'}")
     if result.eval_metrics:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.eval_metrics.items())
-        print(f"evaluation of the final bundle ({cfg.eval.source}): {shown}")
+        print(f"evaluation of the final bundle: {shown} ({result.run_dir / 'eval.json'})")
     return 0
 
 
