@@ -1,8 +1,8 @@
 """Frozen image features for the evaluation protocols, with an on-disk cache.
 
 ``extract`` runs the frozen image tower over a data loader and returns the pooled ``8C`` features before the
-projection (``model.image_encoder.forward_features``, or ``model.forward_features`` for an image-tower bundle; the
-linear-probe input, SPEC §8.2). ``project`` turns them into the L2-normalised joint-space embeddings
+projection (the image tower's ``forward_head(forward_features(x), pre_logits=True)``: a dual encoder's
+``image_encoder`` or an image-tower bundle itself; the linear-probe input, SPEC §8.2). ``project`` turns them into the L2-normalised joint-space embeddings
 (``model.encode_image`` = normalise(image_projection(pooled)); zero-shot, retrieval; dual encoders only, see
 ``require_dual_encoder``), so one pass over the images serves every protocol. ``cached_features`` keeps the arrays in
 ``<cache_dir>/pooled-<model hash>-<transform hash>-<split>-<precision>.npz``.

@@ -17,17 +17,13 @@ from florence.registry import register_model
 
 @register_model
 def image_classifier(backbone: nn.Module, num_classes: int, class_names: Sequence[str] | None = None,
-                     **head: object) -> nn.Module:
-    """``backbone`` (an image tower made by ``create_model``) with a new ``num_classes``-way linear head.
-
-    ``head`` passes timm's ``reset_classifier`` keyword arguments (e.g. ``global_pool``).
-    """
-    spec = getattr(backbone, "florence_config", None)
-    if spec is None:
+                     global_pool: str | None = None) -> nn.Module:
+    """``backbone`` (an image tower made by ``create_model``) with a new ``num_classes``-way linear head
+    (timm's ``reset_classifier``, which records the head in the tower's bundle config)."""
+    if getattr(backbone, "florence_config", None) is None:
         raise TypeError(f"{type(backbone).__name__} was not built by florence.create_model; it cannot be saved")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
-    backbone.reset_classifier(num_classes, **head)
-    backbone.florence_config = {"name": spec["name"], "overrides": {**spec["overrides"], "num_classes": num_classes}}
+    backbone.reset_classifier(num_classes, global_pool=global_pool)
     backbone.class_names = list(class_names) if class_names is not None else None
     return backbone

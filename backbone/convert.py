@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import TYPE_CHECKING, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from florence.backbone.coswin import CoSwin
+from florence.weights import LoadReport, WeightsError, read_state_dict
+
+if TYPE_CHECKING:  # coswin.py imports this module for CoSwin.load_foreign_weights
+    from florence.backbone.coswin import CoSwin
 
 __all__ = [
     "LoadReport", "load_image_tower_weights", "read_state_dict", "microsoft_to_timm", "resize_relative_position_table",
@@ -51,77 +53,6 @@ _BUFFERS = ("relative_position_index", "attn_mask")
 _EMBED_KEY = re.compile(r"^(patch_embed\.|layers\.\d+\.downsample\.)")
 _STRIP_PREFIXES = ("module.", "model.")
 _SUBTREE_PREFIXES = ("image_encoder.", "backbone.bottom_up.", "backbone.")
-
-
-@dataclass
-class LoadReport:
-    """What a weight load did. Lists are sorted names in the model's (= timm's) layout; checkpoint keys are named
-    after prefix stripping and the Microsoft -> timm mapping.
-
-    - ``loaded``: taken from the checkpoint (possibly resized).
-    - ``missing``: model keys the checkpoint lacks (a strict load fails if any is not newly initialised on purpose).
-    - ``unexpected``: checkpoint keys the model has no place for (a strict load fails on any).
-    - ``newly_initialized``: model keys that keep their fresh initialisation on purpose (CoSwin conv embeddings).
-    - ``resized``: relative-position tables interpolated to the model's window size.
-    - ``skipped``: checkpoint keys dropped on purpose (buffers, classifier, Swin embeddings, other towers).
-    """
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    newly_initialized: list[str] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [
-            f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
-            f"newly initialised {len(self.newly_initialized)}, resized {len(self.resized)}, skipped {len(self.skipped)}"
-        ]
-        for name in ("missing", "unexpected", "newly_initialized", "resized", "skipped"):
-            keys = getattr(self, name)
-            if keys:  # grouped by module: "patch_embed.proj (weight, bias)"
-                groups: dict[str, list[str]] = {}
-                for key in keys:
-                    module, _, leaf = key.rpartition(".")
-                    groups.setdefault(module, []).append(leaf)
-                shown = [f"{m} ({', '.join(leaves)})" if m else ", ".join(leaves) for m, leaves in groups.items()]
-                more = f", ... (+{len(shown) - 12} modules)" if len(shown) > 12 else ""
-                lines.append(f"  {name}: " + ", ".join(shown[:12]) + more)
-        return "\n".join(lines)
-
-
-def read_state_dict(src: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A flat ``name -> tensor`` dict from a mapping or a file, unwrapping ``model`` / ``state_dict`` / ``module``.
-
-    ``.safetensors`` is read with safetensors; anything else with ``torch.load(weights_only=True)``.
-    """
-    if isinstance(src, Mapping):
-        state = dict(src)
-        origin = "state dict"
-    else:
-        path = Path(src)
-        origin = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # UnpicklingError and friends: refuse, naming the file
-                raise ValueError(f"{path}: not a plain tensor checkpoint (read with weights_only=True): {e}") from e
-    while True:
-        wrapper = next((w for w in ("model", "state_dict", "module") if isinstance(state.get(w), Mapping)), None)
-        if wrapper is None:
-            break
-        state = dict(state[wrapper])
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{origin}: entries that are not tensors: {bad[:5]}")
-    return state
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -168,7 +99,7 @@ def resize_relative_position_table(table: torch.Tensor, window: tuple[int, int])
 
 
 def load_image_tower_weights(
-    model: CoSwin,
+    model: "CoSwin",
     src: str | Path | Mapping[str, torch.Tensor],
     format: Literal["timm", "microsoft", "florence"] = "timm",
     strict: bool = True,
@@ -213,7 +144,7 @@ def load_image_tower_weights(
     missing = sorted(k for k in own if k not in state and k not in newly_initialized)
     unexpected = sorted(k for k in state if k not in own)
     if strict and (missing or unexpected or mismatched):
-        raise KeyError(
+        raise WeightsError(
             f"{origin} ({format} layout) does not fit {type(model).__name__}(embed={model.embed!r}): "
             f"missing {missing[:10]} ({len(missing)} in all), unexpected {unexpected[:10]} ({len(unexpected)}), "
             f"shape mismatch {mismatched[:10]} ({len(mismatched)})"

@@ -70,6 +70,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from florence.backbone.convert import load_image_tower_weights
 from florence.bundle import BundleMixin
 from florence.registry import register_architecture, register_model
 
@@ -564,7 +565,8 @@ class CoSwin(BundleMixin, nn.Module):
             blocks = [
                 SwinBlock(
                     dims[i], heads, self.window_size, shifted=j % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[first + j], fused_attn=fused_attn,
+                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[first + j],
+                    fused_attn=fused_attn,
                 )
                 for j in range(depth)
             ]
@@ -659,7 +661,6 @@ class CoSwin(BundleMixin, nn.Module):
 
     def load_foreign_weights(self, src, *, format: str, strict: bool = True):
         """A Swin / CoSwin state dict in the "timm" or "microsoft" layout (``backbone/convert.py``); a LoadReport."""
-        from florence.backbone.convert import load_image_tower_weights  # convert imports this module
 
         return load_image_tower_weights(self, src, format=format, strict=strict)
 

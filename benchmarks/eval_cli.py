@@ -398,7 +398,7 @@ def run_linear_probe(ctx: _Context, spec: dsets.DatasetSpec, root: Path) -> tupl
         "probe": {**info, "C": probe.C, "lambda": 1.0 / probe.C, "refit": args.refit, "max_iter": args.max_iter,
                   "converged": probe.converged, "selection_metric": metric,
                   "sweep": [{"C": c, "val_score": s} for c, s in probe.sweep],
-                  "features": "image_encoder.forward_features (pooled, before the projection)"},
+                  "features": "image tower forward_head(forward_features, pre_logits=True) (pooled, before the projection)"},
         "classnames": list(classnames),
     })
     return result, {"scores": probe.test_scores, "targets": test[1], "classnames": classnames}

@@ -26,7 +26,7 @@ _LAZY = {
     "UniCLModel": "florence.backbone.unicl",
     "UniCLOutput": "florence.backbone.unicl",
     "CoSwin": "florence.backbone.coswin",
-    "LoadReport": "florence.backbone.convert",
+    "LoadReport": "florence.weights",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -32,7 +32,7 @@ from torch import nn
 from florence.bundle import from_pretrained, read_bundle_state_dict
 from florence.errors import FlorenceError
 from florence.registry import UnknownNameError, get_architecture, get_entrypoint, registered_names
-from florence.weights import LoadReport, read_state_dict
+from florence.weights import LoadReport, WeightsError, read_state_dict
 
 FLORENCE_FORMAT = "florence"
 
@@ -151,7 +151,7 @@ def load_weights(model: nn.Module, src: str | Path | Mapping[str, torch.Tensor],
     unexpected = sorted(k for k in state if k not in own)
     mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     if strict and (missing or unexpected or mismatched):
-        raise KeyError(
+        raise WeightsError(
             f"{type(model).__name__}: strict load failed: missing {missing[:10]} ({len(missing)}), "
             f"unexpected {unexpected[:10]} ({len(unexpected)}), shape mismatch {mismatched[:10]}"
         )

@@ -15,8 +15,12 @@ import torch
 from florence.errors import FlorenceError
 
 
-class WeightsError(FlorenceError, ValueError):
-    """A weights file that cannot be read as plain tensors; the message names the file."""
+class WeightsError(FlorenceError, KeyError, ValueError):
+    """A weights file that cannot be read as plain tensors, or whose keys / shapes do not fit the model (strict load);
+    the message names the file and the keys."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 @dataclass

@@ -251,7 +251,8 @@ def _swin_det_block(block: torch.nn.Module, x: torch.Tensor, w: int, shift: int)
                 labels[rows, cols] = count
                 count += 1
     cells = [(r, c) for r in range(w) for c in range(w)]
-    index = torch.tensor([[(r1 - r2 + w - 1) * (2 * w - 1) + (c1 - c2 + w - 1) for r2, c2 in cells] for r1, c1 in cells])
+    index = torch.tensor([[(r1 - r2 + w - 1) * (2 * w - 1) + (c1 - c2 + w - 1) for r2, c2 in cells]
+                          for r1, c1 in cells])  # w*w, w*w
     bias = attn.relative_position_bias_table[index].permute(2, 0, 1)  # heads, w*w, w*w
     out = torch.zeros_like(y)
     for r in range(0, Hp, w):
@@ -269,7 +270,8 @@ def _swin_det_block(block: torch.nn.Module, x: torch.Tensor, w: int, shift: int)
         out = torch.roll(out, (shift, shift), (1, 2))
     x = x + out[:, :H, :W]
     z = F.layer_norm(x, (C,), block.norm2.weight, block.norm2.bias)
-    z = F.linear(F.gelu(F.linear(z, block.mlp.fc1.weight, block.mlp.fc1.bias)), block.mlp.fc2.weight, block.mlp.fc2.bias)
+    z = F.gelu(F.linear(z, block.mlp.fc1.weight, block.mlp.fc1.bias))
+    z = F.linear(z, block.mlp.fc2.weight, block.mlp.fc2.bias)
     return x + z
 
 
@@ -326,7 +328,7 @@ def test_window_pad_orders_differ_at_224x320_and_agree_on_window_multiples():
         torch.testing.assert_close(before.forward_features(square), after.forward_features(square), atol=1e-6, rtol=0)
 
 
-# -- torch.compile ------------------------------------------------------------------------------------------------------
+# -- torch.compile ----------------------------------------------------------------------------------------------------
 
 
 def test_compile_fullgraph_has_no_graph_break_and_equals_eager():

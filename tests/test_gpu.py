@@ -132,7 +132,8 @@ def shapes(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("task", ["unicl", "classify"])
 def test_engine_trains_on_cuda_in_half_precision(shapes, tmp_path, task, dtype):
     """``run(cfg)`` with ``precision.dtype`` fp16 (autocast + GradScaler) or bf16 on the GPU: every loss finite and
-    the last three lower than the first three (10 steps on 32 images, the UniCL dual encoder or the classifier)."""
+    the last three lower than the first three (16 steps on 32 images, the UniCL dual encoder or the classifier;
+    on the CPU in bf16 the last three are 35-45% lower, with room for a few steps the GradScaler skips at first)."""
     from florence.engine.config import config_from_dict
     from florence.engine.train import run
 
@@ -143,14 +144,14 @@ def test_engine_trains_on_cuda_in_half_precision(shapes, tmp_path, task, dtype):
         model = {"name": "coswin_test", "overrides": {"preprocess": PREPROCESS}}
     cfg = config_from_dict({
         "task": task, "model": model, "data": {"sources": [{"type": "image_folder", "path": str(shapes)}]},
-        "optim": {"lr": 2e-3, "batch_size": 16}, "schedule": {"steps": 10, "warmup_steps": 2},
+        "optim": {"lr": 1e-3, "batch_size": 16}, "schedule": {"steps": 16, "warmup_steps": 2},
         "precision": {"dtype": dtype}, "checkpoint": {"every_steps": None},
         "output": {"dir": str(tmp_path / "run"), "log_every": 1, "progress": False, "tensorboard": False},
     })
     torch.cuda.reset_peak_memory_stats()
     losses = [loss for _, loss in sorted(run(cfg).losses.items())]
     assert torch.cuda.max_memory_allocated() > 0  # the engine ran on the GPU
-    assert len(losses) == 10 and all(math.isfinite(v) for v in losses), losses
+    assert len(losses) == 16 and all(math.isfinite(v) for v in losses), losses
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
 

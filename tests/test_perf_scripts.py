@@ -54,16 +54,14 @@ def test_backbone_script_reports_flops_and_peak_fraction_beside_timm(tmp_path):
 
 
 def test_train_script_reports_flops_and_peak_fraction_beside_open_clip(tmp_path):
-    stdout, result = _script("train", ["--models", "tiny", "--dtypes", "fp32", "--steps", "1",
-                                       "--batch-tiny", "4", "--cache-batches", "8", "--chunk", "4", "--in-process"],
-                             tmp_path)
+    stdout, result = _script("train", ["--models", "tiny", "--dtypes", "fp32", "--steps", "1", "--batch-tiny", "4",
+                                       "--cache-batches", "--in-process"], tmp_path)
     assert ("| run | params (M) | batch | images/s | peak memory (MiB) | GFLOP/step | FLOP/s | % of matmul peak | "
             "florence / open_clip images/s | florence / open_clip FLOP/s |") in stdout
     peaks = result["peak_gflops"]
     assert set(peaks) == {"fp32"} and peaks["fp32"] > 0  # bf16 rows (and their peak): the backbone test
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"florence tiny fp32", "open_clip tiny fp32", "florence tiny fp32 (no grad cache)",
-                         "florence tiny fp32 grad-cache chunk=4"}
+    assert set(rows) == {"florence tiny fp32", "open_clip tiny fp32"}  # grad-cache rows: see the FLOP-count test
     for r in rows.values():
         assert r["gflop_per_step"] > 0, r
         step_s = r["batch"] / r["images_per_s"]
@@ -73,9 +71,6 @@ def test_train_script_reports_flops_and_peak_fraction_beside_open_clip(tmp_path)
     assert result["ratios"] == {"florence tiny fp32": {
         "images_per_s": pytest.approx(ours["images_per_s"] / theirs["images_per_s"]),
         "flops_per_s": pytest.approx(ours["flops_per_s"] / theirs["flops_per_s"])}}
-    # the gradient cache forwards each chunk twice: more FLOPs than the plain step at the same batch
-    cached, plain = rows["florence tiny fp32 grad-cache chunk=4"], rows["florence tiny fp32 (no grad cache)"]
-    assert cached["gflop_per_step"] > plain["gflop_per_step"]
 
 
 def test_count_flops_counts_matmuls_forward_and_backward():

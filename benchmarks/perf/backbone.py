@@ -6,7 +6,8 @@ background load hits all of them alike) and the table reports the median. Our ``
 weights (loaded with ``load_image_tower_weights``), all cases see the same input. FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; a multiply-add is 2 FLOPs), and
 achieved FLOP/s is compared with a large matmul of the same dtype timed on the same device in the same run
-(``common.py``). Small ``--batch/--size/--rounds/--warmup/--peak-size`` values make a seconds-long smoke run.
+(``common.py``). ``--test-size`` and small ``--batch/--size/--rounds/--warmup/--peak-size`` values make a
+seconds-long smoke run.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ matmul peak and the markdown table.
 Achieved FLOP/s is the FLOPs that ``torch.utils.flop_counter.FlopCounterMode`` counts on one call (matmuls,
 convolutions and attention; a multiply-add is 2 FLOPs) divided by the call's median wall time. The fraction of peak
 divides that by the FLOP/s of a large square matmul in the same dtype, measured in the same run on the same device
-(so it reads as "how close to the best this machine does on a matmul", not a datasheet figure). On CUDA every timed
-interval is bracketed by ``torch.cuda.synchronize`` so it covers the kernels, not just their launch.
+(so it reads as "how close to the best this machine does on a matmul", not a datasheet figure). On a CPU without
+native bf16 matmuls the bf16 peak is tiny and a bf16 row can pass 100% (autocast keeps part of the work in fp32).
+On CUDA every timed interval is bracketed by ``torch.cuda.synchronize`` so it covers the kernels, not just their
+launch; the fp32 peak and rows follow ``torch.get_float32_matmul_precision()`` (TF32 or not), which the header prints.
 """
 from __future__ import annotations
 

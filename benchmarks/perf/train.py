@@ -105,10 +105,13 @@ def _inputs(batch: int, size: int, vocab: int, device: torch.device) -> dict[str
 
 
 def _florence_step(model, inputs, precision, optimizer, chunk: int | None):
-    from florence.backbone.loss import UniCLLoss
+    """The engine's step with the UniCL task (what ``florence train`` runs), on fixed inputs."""
+    from florence.adapters.pretrain import UniCLOptions, UniCLTask
+    from florence.engine.config import RunConfig
     from florence.engine.step import StepContext, train_step
 
-    ctx = StepContext(model=model, loss_fn=UniCLLoss(), optimizer=optimizer, scheduler=_NoSchedule(),
+    ctx = StepContext(model=model, task=UniCLTask(RunConfig(), UniCLOptions()), optimizer=optimizer,
+                      scheduler=_NoSchedule(),
                       precision=precision, device=inputs["images"].device, clip_grad_norm=None, grad_cache_chunk=chunk)
     return lambda: train_step(ctx, [inputs])
 
