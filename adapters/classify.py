@@ -26,13 +26,12 @@ from torch import nn
 from florence.adapters.zeroshot import classification_metrics
 from florence.bundle import from_pretrained
 from florence.data.eval_loader import EvalLoader, map_batches
-from florence.data.loader import build_source, build_train_loader, validate_data_config, validate_source_spec
+from florence.data.loader import build_source, build_train_loader
 from florence.data.source_dataset import SourceImages
 from florence.data.transforms import build_transform
 from florence.engine.config import ConfigError
 from florence.engine.distributed import DistEnv
 from florence.engine.task import Task
-from florence.errors import FlorenceError
 from florence.factory import create_model, image_tower
 from florence.registry import register_task
 
@@ -77,12 +76,7 @@ class ClassifyTask(Task):
             raise ConfigError("task.label_smoothing: must be in [0, 1)")
         if o.num_classes is not None and o.num_classes < 1:
             raise ConfigError("task.num_classes: must be >= 1")
-        try:
-            validate_data_config(self.cfg.data)
-            if self.cfg.eval.source is not None:
-                validate_source_spec(self.cfg.eval.source, "eval.source")
-        except FlorenceError as err:
-            raise ConfigError(str(err)) from None
+        self.validate_data()
 
     # -- model --------------------------------------------------------------------------------------------------
 

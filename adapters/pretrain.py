@@ -22,14 +22,13 @@ from florence.adapters.zeroshot import DEFAULT_TEMPLATES, evaluate_zeroshot
 from florence.backbone.loss import UniCLLoss
 from florence.backbone.unicl import build_unicl, check_tokenizer
 from florence.bundle import from_pretrained
-from florence.data.loader import build_source, build_train_loader, validate_data_config, validate_source_spec
+from florence.data.loader import build_source, build_train_loader
 from florence.data.source_dataset import SourceImages
 from florence.data.templates import format_prompt, resolve_templates
 from florence.data.transforms import build_transform
 from florence.engine.config import ConfigError
 from florence.engine.distributed import DistEnv, barrier
 from florence.engine.task import Task
-from florence.errors import FlorenceError
 from florence.factory import create_model, merge_overrides
 from florence.registry import register_task
 from florence.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -74,12 +73,7 @@ class UniCLTask(Task):
         if m.backbone is not None:
             raise ConfigError("model.backbone: the unicl task trains a whole dual encoder; give model.name, "
                               "model.config or model.pretrained")
-        try:
-            validate_data_config(self.cfg.data)
-            if self.cfg.eval.source is not None:
-                validate_source_spec(self.cfg.eval.source, "eval.source")
-        except FlorenceError as err:
-            raise ConfigError(str(err)) from None
+        self.validate_data()
 
     # -- model --------------------------------------------------------------------------------------------------
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from florence.engine.config import ConfigError, config_from_dict
 from florence.engine.metrics import read_metrics
@@ -26,24 +21,6 @@ PREPROCESS = {"input_size": [3, 28, 28], "mean": [0.5] * 3, "std": [0.25] * 3, "
               "crop_pct": 1.0}
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """4 classes x 8 generated 28x28 RGB images with a class-specific pattern plus noise."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:28, :28]
-    patterns = {
-        "circle": ((yy - 14) ** 2 + (xx - 14) ** 2 < 80),
-        "square": (abs(yy - 14) < 8) & (abs(xx - 14) < 8),
-        "stripes": (xx // 3) % 2 == 0,
-        "dots": ((yy % 7) < 2) & ((xx % 7) < 2),
-    }
-    for name, mask in patterns.items():
-        (root / name).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 60, (28, 28, 3)) + 180 * mask[..., None] * rng.uniform(0.7, 1.0, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 def classify_config(shapes: Path, run_dir: Path, **sections) -> dict:
@@ -212,7 +189,7 @@ def test_config_errors_name_the_key_and_leave_nothing(shapes, tmp_path, override
     path.write_text(yaml.safe_dump(classify_config(shapes, tmp_path / "never")))
     assert main([str(path), override]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("florence train:")
+    assert len(err.splitlines()) == 1 and err.startswith(f"florence train: {path}")
     assert __import__("re").search(key.replace(".", r"\."), err), err
     assert not (tmp_path / "never").exists()
 
@@ -251,17 +228,12 @@ def test_unknown_task_and_class_path(tmp_path):
 # -- resume and distributed -------------------------------------------------------------------------------------
 
 
-def _train_process(config: dict, path: Path, **env) -> subprocess.CompletedProcess:
-    path.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "florence", "train", str(path)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
-
-
 @pytest.mark.slow  # two fresh training processes
 def test_classification_resume_after_kill_is_bit_exact(shapes, tmp_path):
     """SIGKILL after step 4 (checkpoint at 3), resume in a fresh process: identical per-step losses, identical final
     weights, with drop-path, mixup (numpy RNG), EMA and periodic evaluation (which must not disturb the RNG) on."""
     import florence
+    from test_engine_train import _train_process
 
     extra = dict(num_threads=1, task={"name": "classify", "mixup": 0.5}, optim={"ema_decay": 0.9},
                  eval={"source": {"type": "image_folder", "path": str(shapes)}, "every_steps": 2,

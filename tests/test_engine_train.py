@@ -10,11 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from florence.engine.config import config_from_dict
 from florence.engine.metrics import read_metrics
@@ -23,27 +21,9 @@ from florence.engine.train import NonFiniteLossError, fit, run, setup
 CLASSES = ("circle", "square", "stripes", "dots")
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """4 classes x 8 generated 28x28 RGB images with a class-specific pattern plus noise."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:28, :28]
-    patterns = {
-        "circle": ((yy - 14) ** 2 + (xx - 14) ** 2 < 80),
-        "square": (abs(yy - 14) < 8) & (abs(xx - 14) < 8),
-        "stripes": (xx // 3) % 2 == 0,
-        "dots": ((yy % 7) < 2) & ((xx % 7) < 2),
-    }
-    for name, mask in patterns.items():
-        (root / name).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 60, (28, 28, 3)) + 180 * mask[..., None] * rng.uniform(0.7, 1.0, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
-def tiny_config(image_folder: Path, run_dir: Path, **sections) -> dict:
+def tiny_config(shapes: Path, run_dir: Path, **sections) -> dict:
     """A complete run config for the tiny model on the generated images (dropout and drop-path on, so resume has
     RNG streams to restore)."""
     cfg = {
@@ -58,7 +38,7 @@ def tiny_config(image_folder: Path, run_dir: Path, **sections) -> dict:
                                "interpolation": "bicubic", "crop_pct": 1.0},
             },
         },
-        "data": {"sources": [{"type": "image_folder", "path": str(image_folder)}], "augment": {"scale": [0.7, 1.0]}},
+        "data": {"sources": [{"type": "image_folder", "path": str(shapes)}], "augment": {"scale": [0.7, 1.0]}},
         "optim": {"lr": 2e-3, "batch_size": 8, "weight_decay": 0.05},
         "schedule": {"steps": 6, "warmup_steps": 2},
         "checkpoint": {"every_steps": 3, "keep_last": 2},
@@ -78,18 +58,18 @@ def _train_process(config: dict, path: Path, **env) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow  # two fresh training processes: 15-25 s on 2 cores
-def test_resume_after_kill_gives_identical_losses(image_folder, tmp_path):
+def test_resume_after_kill_gives_identical_losses(shapes, tmp_path):
     """A training process SIGKILLed after step 4 (last checkpoint: step 3) and resumed in a fresh process logs the
     same per-step losses and ends with the same parameters as an uninterrupted run (1 thread everywhere, so the
     in-process reference computes exactly like the subprocesses)."""
     import florence
 
-    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full", num_threads=1)))
+    full = run(config_from_dict(tiny_config(shapes, tmp_path / "full", num_threads=1)))
     assert sorted(full.losses) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(v) for v in full.losses.values())
 
     run_dir = tmp_path / "killed"
-    config = tiny_config(image_folder, run_dir, num_threads=1)
+    config = tiny_config(shapes, run_dir, num_threads=1)
     killed = _train_process(config, tmp_path / "killed.yaml", FLORENCE_KILL_AT_STEP="4")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (run_dir / "final").exists()
@@ -112,11 +92,11 @@ def test_resume_after_kill_gives_identical_losses(image_folder, tmp_path):
     assert b.tokenize(["a photo of a circle."])["input_ids"].shape == (1, 16)
 
 
-def test_in_process_stop_and_resume(image_folder, tmp_path):
+def test_in_process_stop_and_resume(shapes, tmp_path):
     """``run(stop_after_steps=...)`` then ``run`` again (same process) repeats the uninterrupted losses."""
-    full = run(config_from_dict(tiny_config(image_folder, tmp_path / "full", schedule={"steps": 4},
+    full = run(config_from_dict(tiny_config(shapes, tmp_path / "full", schedule={"steps": 4},
                                             checkpoint={"every_steps": 2})))
-    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "stopped", schedule={"steps": 4},
+    cfg = config_from_dict(tiny_config(shapes, tmp_path / "stopped", schedule={"steps": 4},
                                        checkpoint={"every_steps": 2}))
     first = run(cfg, stop_after_steps=3)  # the last checkpoint is step 2
     assert first.final_dir is None and sorted(first.losses) == [1, 2, 3]
@@ -125,13 +105,13 @@ def test_in_process_stop_and_resume(image_folder, tmp_path):
     assert {**first.losses, **resumed.losses} == full.losses
 
 
-def _bundle(image_folder: Path, out: Path, vocab_size: int) -> Path:
+def _bundle(shapes: Path, out: Path, vocab_size: int) -> Path:
     """A tiny model bundle (dropout and drop-path on, 28x28 preprocessing) whose text vocabulary is ``vocab_size``."""
     import florence
     from florence.tokenizer import train_bpe_tokenizer
 
     train_bpe_tokenizer([f"a photo of a {c}." for c in CLASSES] * 4, out / "tok", vocab_size=vocab_size)
-    overrides = tiny_config(image_folder, out)["model"]["overrides"]
+    overrides = tiny_config(shapes, out)["model"]["overrides"]
     text = {**overrides["text"], "vocab_size": vocab_size}
     model = florence.create_model("unicl_test", tokenizer=str(out / "tok"), context_length=16,
                                   **{**overrides, "text": text})
@@ -139,16 +119,16 @@ def _bundle(image_folder: Path, out: Path, vocab_size: int) -> Path:
     return out / "bundle"
 
 
-def test_continued_training_from_a_bundle(image_folder, tmp_path):
+def test_continued_training_from_a_bundle(shapes, tmp_path):
     """A run from ``model.pretrained`` trains in train mode (from_pretrained returns eval mode), and a tokenizer
     trained at run start that does not fit the bundle's text vocabulary is a ConfigError, not a silent mismatch."""
     from florence.engine.config import ConfigError
     from florence.engine.distributed import unwrap
 
-    bundle = _bundle(image_folder, tmp_path / "b", vocab_size=262)
+    bundle = _bundle(shapes, tmp_path / "b", vocab_size=262)
 
     def config(name, **model):
-        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 1})
+        cfg = tiny_config(shapes, tmp_path / name, schedule={"steps": 1})
         cfg["model"] = {"pretrained": str(bundle), "context_length": 16, **model}
         return config_from_dict(cfg)
 
@@ -175,8 +155,8 @@ class _NaNOnCalls(torch.nn.Module):
         return loss * float("nan") if self.calls in self.bad_calls or "all" in self.bad_calls else loss
 
 
-def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
-    cfg = config_from_dict(tiny_config(image_folder, tmp_path / "nan", checkpoint={"every_steps": None},
+def test_nonfinite_steps_are_skipped_then_abort(shapes, tmp_path):
+    cfg = config_from_dict(tiny_config(shapes, tmp_path / "nan", checkpoint={"every_steps": None},
                                        optim={"max_nonfinite_in_a_row": 2}))
     state = setup(cfg)
     state.task.loss_fn = _NaNOnCalls(state.task.loss_fn, bad_calls={2, 4})
@@ -189,7 +169,7 @@ def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
     assert state.skipped == 2 and state.step == 6
     assert all(p.grad is None for p in state.model.parameters())
 
-    state = setup(config_from_dict(tiny_config(image_folder, tmp_path / "nan2", checkpoint={"every_steps": None},
+    state = setup(config_from_dict(tiny_config(shapes, tmp_path / "nan2", checkpoint={"every_steps": None},
                                                optim={"max_nonfinite_in_a_row": 2})))
     state.task.loss_fn = _NaNOnCalls(state.task.loss_fn, bad_calls={"all"})
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
@@ -199,11 +179,11 @@ def test_nonfinite_steps_are_skipped_then_abort(image_folder, tmp_path):
 NO_DROPOUT = {"image": {"drop_path_rate": 0.0}, "text": {"hidden_dropout_prob": 0.0}}
 
 
-def test_grad_cache_and_accumulation_run(image_folder, tmp_path):
+def test_grad_cache_and_accumulation_run(shapes, tmp_path):
     """The gradient-cached step gives the same losses as the plain step (same global batch, fp32, no dropout:
     dropout masks are drawn per chunk, so they differ from a full-batch forward)."""
     def config(name, **sections):
-        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 3}, **sections)
+        cfg = tiny_config(shapes, tmp_path / name, schedule={"steps": 3}, **sections)
         cfg["model"]["overrides"].update(NO_DROPOUT)
         return config_from_dict(cfg)
 
@@ -211,23 +191,23 @@ def test_grad_cache_and_accumulation_run(image_folder, tmp_path):
     cached = run(config("cached", optim={"grad_cache_chunk": 3}))
     for step in plain.losses:
         assert cached.losses[step] == pytest.approx(plain.losses[step], abs=1e-5)
-    accum = run(config_from_dict(tiny_config(image_folder, tmp_path / "accum", schedule={"steps": 2},
+    accum = run(config_from_dict(tiny_config(shapes, tmp_path / "accum", schedule={"steps": 2},
                                              optim={"accum_steps": 2}, precision={"dtype": "bf16"})))
     assert all(math.isfinite(v) for v in accum.losses.values())
 
 
-def test_fp16_on_cpu_is_a_clear_error(image_folder, tmp_path):
+def test_fp16_on_cpu_is_a_clear_error(shapes, tmp_path):
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        setup(config_from_dict(tiny_config(image_folder, tmp_path / "fp16", precision={"dtype": "fp16"})))
+        setup(config_from_dict(tiny_config(shapes, tmp_path / "fp16", precision={"dtype": "fp16"})))
 
 
-def test_cli_main_with_overrides(image_folder, tmp_path):
+def test_cli_main_with_overrides(shapes, tmp_path):
     from florence.engine.train import main
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(image_folder, tmp_path / "cli")))
+    path.write_text(yaml.safe_dump(tiny_config(shapes, tmp_path / "cli")))
     # 0.5 epochs of 32 images at global batch 8 -> 2 steps
-    source = f"{{type: image_folder, path: {image_folder}}}"
+    source = f"{{type: image_folder, path: {shapes}}}"
     assert main([str(path), "schedule.steps=null", "schedule.epochs=0.5", "checkpoint.every_steps=null",
                  f"eval.source={source}"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2]
@@ -264,13 +244,13 @@ def _final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, chunk", [("ddp", 2), ("fsdp", None)])
-def test_two_processes_match_one(image_folder, tmp_path, strategy, chunk):
+def test_two_processes_match_one(shapes, tmp_path, strategy, chunk):
     """torchrun with 2 gloo processes (global batch 8 = 2 x 4; DDP with the gradient cache in chunks of 2, or FSDP2)
     matches 1 process with batch 8: per-step losses and final parameters. The FSDP run is then resumed from its
     sharded step-3 checkpoint and repeats the step-4 loss."""
 
     def config(name, **extra):
-        cfg = tiny_config(image_folder, tmp_path / name, schedule={"steps": 4}, optim={"grad_cache_chunk": chunk},
+        cfg = tiny_config(shapes, tmp_path / name, schedule={"steps": 4}, optim={"grad_cache_chunk": chunk},
                           distributed={"strategy": strategy}, **extra)
         cfg["model"]["overrides"].update(NO_DROPOUT)
         return cfg

@@ -17,12 +17,6 @@ from florence.benchmarks import eval_cli
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-@pytest.fixture(scope="module")
-def one_thread_module():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model runs faster with one thread on a shared 2-core machine
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

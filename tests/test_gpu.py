@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import florence
 from florence.backbone.loss import UniCLLoss
@@ -112,20 +109,6 @@ def test_unicl_dual_encoder_bf16_autocast_matches_fp32():
 # -- the engine in fp16 (GradScaler) and bf16 ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """4 classes x 8 generated 28x28 RGB images with a class-specific pattern plus noise."""
-    root = tmp_path_factory.mktemp("shapes")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:28, :28]
-    patterns = {"circle": (yy - 14) ** 2 + (xx - 14) ** 2 < 80, "square": (abs(yy - 14) < 8) & (abs(xx - 14) < 8),
-                "stripes": (xx // 3) % 2 == 0, "dots": ((yy % 7) < 2) & ((xx % 7) < 2)}
-    for name, mask in patterns.items():
-        (root / name).mkdir()
-        for i in range(8):
-            img = rng.integers(0, 60, (28, 28, 3)) + 180 * mask[..., None] * rng.uniform(0.7, 1.0, 3)
-            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

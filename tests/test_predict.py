@@ -17,12 +17,6 @@ from florence.data.templates import OPENAI_IMAGENET_TEMPLATES
 LABELS = ["cat", "rocket", "coffee", "camera"]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def photos(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dual_bundle(tmp_path_factory, one_thread):
+def dual_bundle(tmp_path_factory, one_thread_module):
     import florence
     from florence.tokenizer import train_bpe_tokenizer
 

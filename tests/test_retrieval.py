@@ -135,16 +135,6 @@ def _skimage_photos(folder):
         writer.writerows((f"{name}.png", caption) for name, caption in PHOTOS.items())
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while the test runs: on a shared 2-core machine a busy second thread slows the tiny
-    model's steps tenfold; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_retrieval_end_to_end_on_the_skimage_photos(tmp_path, one_thread):
     pytest.importorskip("skimage")
@@ -200,20 +190,26 @@ def test_retrieval_end_to_end_on_the_skimage_photos(tmp_path, one_thread):
         assert picture.size[0] > 500 and picture.size[1] > 500
 
 
-@pytest.mark.slow
-def test_finetuned_retrieval_trains_through_the_engine(tmp_path, one_thread):
-    """``florence eval retrieval-finetune``: the engine continues UniCL training on the pairs, the fine-tuned bundle
-    is evaluated, and it retrieves better than the untrained model it started from."""
-    pytest.importorskip("skimage")
+def _photos_and_untrained_bundle(tmp_path):
+    """The 8 captioned photos and a fresh ``unicl_test`` bundle with a tokenizer trained on the captions."""
     import florence
-    from florence.benchmarks import eval_cli
     from florence.tokenizer import train_bpe_tokenizer
 
     photos = tmp_path / "photos"
     _skimage_photos(photos)
     train_bpe_tokenizer(list(PHOTOS.values()) * 4, tmp_path / "tok", vocab_size=400, min_frequency=1)
     torch.manual_seed(0)
-    base = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "base")
+    return photos, florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "base")
+
+
+@pytest.mark.slow
+def test_finetuned_retrieval_trains_through_the_engine(tmp_path, one_thread):
+    """``florence eval retrieval-finetune``: the engine continues UniCL training on the pairs, the fine-tuned bundle
+    is evaluated, and it retrieves better than the untrained model it started from."""
+    pytest.importorskip("skimage")
+    from florence.benchmarks import eval_cli
+
+    photos, base = _photos_and_untrained_bundle(tmp_path)
     common = ["--model", str(base), "--dataset", "skimage8", "--data-root", str(photos),
               "--captions", str(photos / "captions.csv"), "--output", str(tmp_path / "eval"), "--quiet", "--no-plots"]
     assert eval_cli.main(["retrieval", *common]) == 0
@@ -234,18 +230,12 @@ def test_retrieval_task_evaluates_during_training_like_eval_cli(tmp_path, one_th
     """``task: retrieval``: R@K on ``task.eval_captions`` every N steps in metrics.jsonl, the best bundle kept by
     ``text_to_image_R@1``, and the final evaluation equals ``florence eval retrieval`` on the same bundle."""
     pytest.importorskip("skimage")
-    import florence
     from florence.benchmarks import eval_cli
     from florence.engine.config import config_from_dict
     from florence.engine.metrics import read_metrics
     from florence.engine.train import run
-    from florence.tokenizer import train_bpe_tokenizer
 
-    photos = tmp_path / "photos"
-    _skimage_photos(photos)
-    train_bpe_tokenizer(list(PHOTOS.values()) * 4, tmp_path / "tok", vocab_size=400, min_frequency=1)
-    torch.manual_seed(0)
-    base = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "base")
+    photos, base = _photos_and_untrained_bundle(tmp_path)
     captions = str(photos / "captions.csv")
     result = run(config_from_dict({
         "task": {"name": "retrieval", "eval_captions": captions},

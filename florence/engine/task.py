@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from florence.data.loader import validate_data_config, validate_source_spec
 from florence.engine.config import RunConfig
 from florence.engine.distributed import DistEnv
 
@@ -68,8 +69,15 @@ class Task:
         self.options = options
 
     def validate(self) -> None:
-        """Cross-checks of the task options against the run config, before anything is written (raise
-        ``ConfigError`` naming the key)."""
+        """Cross-checks of the task options against the run config, before anything is written (raise a
+        ``FlorenceError`` such as ``ConfigError`` naming the key). Default: ``validate_data``."""
+        self.validate_data()
+
+    def validate_data(self) -> None:
+        """``data:`` and ``eval.source`` against ``florence.data``'s schema, without reading any data."""
+        validate_data_config(self.cfg.data)
+        if self.cfg.eval.source is not None:
+            validate_source_spec(self.cfg.eval.source, "eval.source")
 
     # -- abstract -----------------------------------------------------------------------------------------------
 

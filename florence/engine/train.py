@@ -99,7 +99,10 @@ def resolve_task(cfg: RunConfig) -> Task:
     task = cls(cfg, build_section(cls.Options, cfg.task_options, "task"))
     if cfg.optim.grad_cache_chunk is not None and not cls.supports_grad_cache:
         raise ConfigError(f"optim.grad_cache_chunk: task {cfg.task_name!r} does not support the gradient cache")
-    task.validate()
+    try:
+        task.validate()
+    except FlorenceError as err:  # e.g. florence.data's DataConfigError naming data.sources[0].path
+        raise ConfigError(str(err)) from None
     if (cfg.eval.every_steps or cfg.eval.best_metric) and not task.has_evaluation():
         raise ConfigError(f"eval.every_steps / eval.best_metric: task {cfg.task_name!r} has no evaluation data "
                           "(eval.source, or the task's own option)")
@@ -485,8 +488,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(argv[0], argv[1:])  # errors name the file and the key
         result = run(cfg, task=resolve_task(cfg))
+    except ConfigError as err:  # also those found while building the model / optimizer: name the file too
+        message = str(err) if str(err).startswith(argv[0]) else f"{argv[0]}: {err}"
+        print(f"florence train: {message}", file=sys.stderr)
+        return 2
     except FlorenceError as err:
         print(f"florence train: {err}", file=sys.stderr)
         return 2
