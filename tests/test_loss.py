@@ -150,9 +150,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_gather_matches_single_process(tmp_path):
-    # fork: the workers need no re-import of torch (they use one thread each, as DataLoader workers do)
+    # spawn, not fork: earlier tests in this process may have started autograd / compile worker threads, which a
+    # forked child cannot use
     context = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=_WORLD,
-                                 start_method="fork", join=False)
+                                 start_method="spawn", join=False)
     deadline = time.monotonic() + 300  # a hang guard only; the workers finish in about a second
     while not context.join(timeout=5):  # True once every worker has exited (raises if one failed)
         if time.monotonic() > deadline:

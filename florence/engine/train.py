@@ -298,9 +298,11 @@ def _model_for_bundle(state: TrainState) -> nn.Module | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = ckpt.rng_state()  # the fresh copy's initialisation must not move the training RNG streams
+    fresh = state.task.build_model(state.env, state.run_dir)  # on every rank: building may synchronise them
+    ckpt.set_rng_state(rng)
     if not state.env.is_main:
         return None
-    fresh = state.task.build_model(state.env, state.run_dir)
     fresh.load_state_dict(full)
     return fresh.to(state.env.device)
 
