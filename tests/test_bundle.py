@@ -154,3 +154,50 @@ def test_overrides_merge_into_sections(tokenizer_dir):
     assert model.config["embed_dim"] == 24 and model.config["image"]["drop_path_rate"] == 0.0
     images = torch.randn(2, *model.preprocess["input_size"])
     assert model.encode_image(images).shape == (2, 24)
+
+
+def _rewrite_config(bundle, **changes):
+    """Edit a bundle's config.json and re-sign it in the manifest (what a newer library version might write)."""
+    from florence.bundle import sha256_file
+
+    config = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, **changes}))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["config.json"] = sha256_file(bundle / "config.json")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_architecture_registry_records_and_refuses(tmp_path):
+    """A bundle names its architecture and the library version; an architecture no installed module registers is a
+    BundleError naming it (not a KeyError from deep inside)."""
+    tower = florence.create_model("coswin_test").save_pretrained(tmp_path / "tower")
+    config = json.loads((tower / "config.json").read_text())
+    assert config["architecture"] == "image_tower" and config["library_version"] == florence.__version__
+    _rewrite_config(tower, architecture="dyhead_from_the_future")
+    with pytest.raises(BundleError, match=r"config\.json: unknown architecture 'dyhead_from_the_future'"):
+        florence.from_pretrained(tower)
+
+
+def test_core_modules_import_no_model_code():
+    """florence.bundle and florence.factory find models through the registry (entry points), never by import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, florence.bundle, florence.factory, florence.engine.train\n"
+            "bad = [m for m in sys.modules if m.startswith(('florence.backbone', 'florence.adapters'))]\n"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_classifier_built_on_a_dual_encoder_bundle(dual, tmp_path):
+    """create_model("image_classifier", backbone=BUNDLE): the bundle's image tower (weights and preprocessing) with a
+    new head; saved and reloaded without the original bundle, class names included."""
+    bundle = dual.save_pretrained(tmp_path / "dual")
+    model = florence.create_model("image_classifier", backbone=str(bundle), num_classes=3, class_names=["a", "b", "c"])
+    assert model.preprocess == dual.preprocess and model.num_classes == 3
+    for key, value in dual.image_encoder.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    again = florence.from_pretrained(model.save_pretrained(tmp_path / "clf"))
+    assert again.class_names == ["a", "b", "c"] and again.preprocess == dual.preprocess
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again(images), model.eval()(images))
