@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from florence.adapters import zeroshot as zs
+from florence.bundle import from_pretrained
 from florence.data.source_dataset import ImageList
 from florence.data.eval_loader import EvalLoader, map_batches
 from florence.data.transforms import build_transform
@@ -174,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         print("florence predict: --top-k must be at least 1", file=sys.stderr)
         return 2
     try:
-        from florence.bundle import from_pretrained
-
         labels = parse_labels(args.labels, args.labels_file)
         model = from_pretrained(args.model, map_location=args.device)
         result = predict(model, args.images, labels, batch_size=args.batch_size, device=args.device,

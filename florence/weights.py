@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file
 
 from florence.errors import FlorenceError
 
@@ -75,8 +76,6 @@ def read_state_dict(src: str | Path | Mapping[str, torch.Tensor]) -> dict[str, t
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             try:

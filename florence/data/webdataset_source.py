@@ -36,6 +36,7 @@ from florence.data.bad_samples import BadSampleError, BadSampleLog, BadSampleSum
 from florence.data.errors import DataConfigError
 from florence.data.images import BadSample, clean_caption, decode_image
 from florence.data.mixing import label_offsets, sample_seed, split_counts, text_rng
+from florence.data.schema import validate_source_spec
 from florence.data.sources import caption_label, load_class_names
 from florence.data.templates import make_prompt, resolve_templates
 from florence.data.transforms import ImageTransform, seeded_rngs
@@ -208,7 +209,6 @@ def build_webdataset_loader(specs: Sequence[dict[str, Any]], *, transform: Image
                             collate_fn: Callable, batch_size: int, rank: int, world_size: int, seed: int,
                             num_workers: int, max_bad_retries: int = 16) -> WebDatasetLoader:
     """A :class:`WebDatasetLoader` from ``type: webdataset`` source specs (all sources must be webdataset)."""
-    from florence.data.loader import validate_source_spec
 
     sources = []
     for i, spec in enumerate(specs):

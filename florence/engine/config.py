@@ -8,6 +8,8 @@ the file says (plus the overrides) is the run. ``save_config(cfg, path)`` writes
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,7 +102,7 @@ class OutputConfig:
 class EvalConfig:
     source: dict | None = None  # the task's evaluation data, a data-source spec, e.g. {type: fashion_mnist, split: test}
     every_steps: int | None = None  # evaluate every N optimizer steps (metrics.jsonl "eval/<metric>")
-    at_end: bool = True  # evaluate the final bundle (when the task has evaluation data)
+    at_end: bool = True  # evaluate the final bundle (when the task has evaluation data; always with best_metric)
     batch_size: int = 256  # evaluation batch
     max_images: int | None = None  # evaluate on the first N images only
     best_metric: str | None = None  # keep <run_dir>/best, the bundle with the best value of this metric
@@ -261,9 +263,6 @@ def build_section(cls: type, values: dict | None, prefix: str) -> Any:
 
 def _field_comments(cls: type) -> dict[str, str]:
     """The ``# comment`` after each field in the class source: the schema's documentation."""
-    import inspect
-    import re
-
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from florence.errors import FlorenceError
@@ -46,8 +47,6 @@ def freeze_modules(model: nn.Module, prefixes: list[str]) -> int:
 
 def layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
     """``{parameter name: layer_decay ** (L - 1 - layer)}`` from ``model.group_matcher(coarse=False)`` (timm)."""
-    from timm.models import group_parameters
-
     if not hasattr(model, "group_matcher"):
         raise OptimConfigError(f"optim.layer_decay: {type(model).__name__} has no group_matcher() to number its layers")
     layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)  # name -> layer id

@@ -31,7 +31,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from florence.data.loader import validate_data_config, validate_source_spec
+from florence.data.schema import validate_data_config, validate_source_spec
 from florence.engine.config import RunConfig
 from florence.engine.distributed import DistEnv
 

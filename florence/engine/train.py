@@ -24,10 +24,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from florence.bundle import from_pretrained
@@ -41,7 +42,7 @@ from florence.engine.precision import build_precision
 from florence.engine.step import StepContext, StepResult, train_step
 from florence.engine.task import Task
 from florence.errors import FlorenceError
-from florence.registry import get_task
+from florence.registry import get_task, task_names
 
 
 class NonFiniteLossError(FlorenceError, RuntimeError):
@@ -174,8 +175,6 @@ def _build_ema(cfg: RunConfig, model: nn.Module, env: DistEnv) -> nn.Module | No
         return None
     if env.distributed and cfg.distributed.strategy == "fsdp":
         raise ConfigError("optim.ema_decay: not supported with distributed.strategy=fsdp (use ddp)")
-    from timm.utils import ModelEmaV3
-
     return ModelEmaV3(model, decay=cfg.optim.ema_decay)
 
 
@@ -328,30 +327,43 @@ def _better(value: float, best: dict[str, Any] | None, mode: str) -> bool:
     return best is None or (value > best["value"] if mode == "max" else value < best["value"])
 
 
-def evaluate_and_keep_best(state: TrainState, writer: MetricsWriter) -> dict[str, float]:
-    """Periodic evaluation: metrics to ``metrics.jsonl`` (``eval/<name>``); ``<run_dir>/best`` replaced when
+def _record_evaluation(state: TrainState, writer: MetricsWriter, metrics: dict[str, float],
+                       save_best: Callable[[Path], Any]) -> None:
+    """Rank 0: metrics to ``metrics.jsonl`` (``eval/<name>``); ``save_best(<run_dir>/best)`` when
     ``eval.best_metric`` improved."""
-    model = _model_for_bundle(state)
-    metrics = _run_evaluation(state, model)
-    if not state.env.is_main:
-        return metrics
     writer.log({"step": state.step, **{f"eval/{k}": v for k, v in metrics.items()}})
     name = state.cfg.eval.best_metric
-    if name is not None and metrics:
-        if name not in metrics:
-            raise ConfigError(f"eval.best_metric: {name!r} is not a metric of task {state.task.name!r} "
-                              f"(it reports {sorted(metrics)})")
-        if _better(metrics[name], state.best, state.cfg.eval.best_mode):
-            state.best = {"step": state.step, "metric": name, "value": metrics[name]}
-            state.task.save_bundle(model, state.run_dir / "best")
-            (state.run_dir / "best.json").write_text(json.dumps({**state.best, "metrics": metrics}, indent=2))
+    if name is None or not metrics:
+        return
+    if name not in metrics:
+        raise ConfigError(f"eval.best_metric: {name!r} is not a metric of task {state.task.name!r} "
+                          f"(it reports {sorted(metrics)})")
+    if _better(metrics[name], state.best, state.cfg.eval.best_mode):
+        state.best = {"step": state.step, "metric": name, "value": metrics[name]}
+        save_best(state.run_dir / "best")
+        (state.run_dir / "best.json").write_text(json.dumps({**state.best, "metrics": metrics}, indent=2))
+
+
+def evaluate_and_keep_best(state: TrainState, writer: MetricsWriter) -> dict[str, float]:
+    """Periodic evaluation of the model being trained (``eval.every_steps``)."""
+    model = _model_for_bundle(state)
+    metrics = _run_evaluation(state, model)
+    if state.env.is_main:
+        _record_evaluation(state, writer, metrics, lambda directory: state.task.save_bundle(model, directory))
     return metrics
 
 
 KILL_AT_STEP_ENV = "FLORENCE_KILL_AT_STEP"
 
 
-def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, float]:
+def open_metrics(state: TrainState) -> MetricsWriter:
+    """``metrics.jsonl`` (and TensorBoard) of the run, continued after the resumed step."""
+    return MetricsWriter(state.run_dir, enabled=state.env.is_main, tensorboard=state.cfg.output.tensorboard,
+                         resume_step=state.step)
+
+
+def fit(state: TrainState, *, stop_after_steps: int | None = None,
+        writer: MetricsWriter | None = None) -> dict[int, float]:
     """Run optimizer steps until ``total_steps`` (or ``stop_after_steps`` steps in this call, to simulate a
     preemption in tests); return ``{step: loss}``.
 
@@ -359,10 +371,10 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
     right after optimizer step k (its metrics line, evaluation and any checkpoint due written), as a real preemption
     would.
     """
-    cfg, env = state.cfg, state.env
+    cfg = state.cfg
     kill_at = int(os.environ[KILL_AT_STEP_ENV]) if os.environ.get(KILL_AT_STEP_ENV) else None
-    writer = MetricsWriter(state.run_dir, enabled=env.is_main, tensorboard=cfg.output.tensorboard,
-                           resume_step=state.step)
+    own_writer = writer is None
+    writer = writer or open_metrics(state)
     batches = _batches(state.loader)
     losses: dict[int, float] = {}
     bar = _progress(state)
@@ -393,11 +405,10 @@ def fit(state: TrainState, *, stop_after_steps: int | None = None) -> dict[int, 
                 save(state)
             if state.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-        if state.step >= state.total_steps and cfg.eval.best_metric:
-            evaluate_and_keep_best(state, writer)  # the last step competes for the best bundle too
     finally:
         bar.close()
-        writer.close()
+        if own_writer:
+            writer.close()
     return losses
 
 
@@ -417,11 +428,18 @@ def finish(state: TrainState) -> Path:
     return final_dir
 
 
-def evaluate_final(state: TrainState, final_dir: Path) -> dict[str, float]:
-    """The task's evaluation of the saved bundle, loaded back (``<run_dir>/eval.json``)."""
+def _copy_bundle(source: Path, directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.copytree(source, directory)
+
+
+def evaluate_final(state: TrainState, final_dir: Path, writer: MetricsWriter) -> dict[str, float]:
+    """The task's evaluation of the saved bundle, loaded back (``<run_dir>/eval.json``); the last step's entry in
+    ``metrics.jsonl`` and its bid for the best bundle (a copy of ``final``), so the end is evaluated once."""
     model = from_pretrained(final_dir).to(state.env.device) if state.env.is_main else None
     metrics = _run_evaluation(state, model)
     if state.env.is_main:
+        _record_evaluation(state, writer, metrics, lambda directory: _copy_bundle(final_dir, directory))
         record = {"step": state.step, "task": state.task.name, "source": state.cfg.eval.source, "metrics": metrics,
                   "max_images": state.cfg.eval.max_images}
         (state.run_dir / "eval.json").write_text(json.dumps(record, indent=2))
@@ -434,26 +452,27 @@ def run(cfg: RunConfig, *, task: Task | None = None, stop_after_steps: int | Non
     start = time.perf_counter()
     threads = torch.get_num_threads()
     state = setup(cfg, task)
+    writer = open_metrics(state)
     try:
-        losses = fit(state, stop_after_steps=stop_after_steps)
-        result = TrainResult(run_dir=state.run_dir, losses=losses, skipped=state.skipped, best=state.best)
+        losses = fit(state, stop_after_steps=stop_after_steps, writer=writer)
+        result = TrainResult(run_dir=state.run_dir, losses=losses, skipped=state.skipped)
         if hasattr(state.loader, "bad_sample_summary") and state.env.is_main:
             result.bad_samples = state.loader.bad_sample_summary().format()
         if state.step >= state.total_steps:
             result.final_dir = finish(state)
-            if cfg.eval.at_end and state.task.has_evaluation():
-                result.eval_metrics = evaluate_final(state, result.final_dir)
+            if state.task.has_evaluation() and (cfg.eval.at_end or cfg.eval.best_metric):
+                result.eval_metrics = evaluate_final(state, result.final_dir, writer)
+        result.best = state.best
         result.wall_time = time.perf_counter() - start
         return result
     finally:
+        writer.close()
         shutdown_distributed()
         torch.set_num_threads(threads)
 
 
 def config_docs() -> str:
     """``docs/CONFIG.md``: the reference of every key, then each registered task's options."""
-    from florence.registry import task_names
-
     parts = ["# Run configuration reference", "",
              "Generated from the config schema by `florence train --help-config --markdown`; "
              "`florence train --help-config TASK` prints one task's.", "", "## Every task", "",
@@ -473,8 +492,6 @@ Runs the task named by the config's `task:` key ({tasks}) with the shared engine
 
 def main(argv: list[str] | None = None) -> int:
     """``florence train CONFIG [key=value ...]``."""
-    from florence.registry import task_names
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\n\n" + USAGE.format(tasks=", ".join(task_names())))
