@@ -18,6 +18,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from florence.benchmarks import detection_demo
+
 
 def default_config() -> Path:
     return Path(str(resources.files("florence.configs") / "pretrain" / "fashion_mnist.yaml"))
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from florence.benchmarks import eval_cli, report
     from florence.engine import train
 
+    if argv and argv[0] == "detection":  # the detection demo
+        return detection_demo.main(argv[1:])
     parser = argparse.ArgumentParser(prog="florence demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where the run, results and report go")
     parser.add_argument("--config", default=None, help="pre-training YAML (default: the packaged fashion_mnist.yaml)")

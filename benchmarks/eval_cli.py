@@ -1,5 +1,6 @@
 """``florence eval TASK --model DIR --dataset NAME ...``: zeroshot, linear-probe, few-shot, retrieval,
-retrieval-finetune, classify (``florence eval TASK --help`` lists each task's own flags).
+retrieval-finetune, classify (``florence eval TASK --help`` lists each task's own flags); ``florence eval detection``
+(COCO-format detection, its own flags) is ``florence.benchmarks.detection_cli``.
 
 ``retrieval-finetune`` first continues UniCL training of the model on the training pairs (Karpathy ``--train-splits``
 of the same caption file, or ``--train-captions CSV``) with the engine (``florence.benchmarks.finetune_retrieval``,
@@ -49,6 +50,7 @@ from florence.adapters import retrieval as rt
 from florence.adapters import zeroshot as zs
 from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set
 from florence.benchmarks import datasets as dsets
+from florence.benchmarks import detection_cli
 from florence.benchmarks import plots
 from florence.data.bad_samples import BadSampleError
 from florence.data.eval_loader import EvalLoader, format_bad_report, map_batches
@@ -156,7 +158,8 @@ def _common_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """``florence eval TASK ...``: one sub-command per task, each with its own flags in its ``--help``."""
     p = argparse.ArgumentParser(prog="florence eval", description="Evaluate a model bundle with one protocol; "
-                                "'florence eval TASK --help' lists that task's flags.")
+                                "'florence eval TASK --help' lists that task's flags; 'florence eval detection "
+                                "--help' those of COCO detection.")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
     common = _common_parser()
     for task in TASKS:
@@ -590,6 +593,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["detection"]:  # COCO-format data, its own flags (florence.benchmarks.detection_cli)
+        return detection_cli.main(argv[1:])
     args = parse_args(argv)
     try:
         path, result = evaluate(args)

@@ -5,6 +5,8 @@
 - ``FINE_TUNED``: Florence Table 3 (ImageNet-1K fine-tuning, top-1 / top-5), beside ``florence eval classify``
   results of fine-tuned classifiers.
 - ``RETRIEVAL``: Florence Table 5 (Flickr30K 1K test, MSCOCO 5K test; R@1 / R@5), zero-shot and fine-tuned.
+- ``DETECTION``: Florence Table 6 (COCO minival AP, Objects365 AP, Visual Genome AP50) beside ``florence eval
+  detection`` results.
 
 Each table maps a model name to ``{dataset: value}``; ``FLORENCE`` names Florence's row, ``CLIP_BASELINES`` the CLIP
 rows that SPEC lists. A value is missing where the paper has "–".
@@ -96,6 +98,17 @@ RETRIEVAL_FINE_TUNED: dict[str, dict[str, dict[str, float]]] = {
 }
 
 
+# Table 6: object detection fine-tuned [FL-T6, SPEC §5.4]; {dataset: (metric, {model: value})}. Our ``--name`` of a
+# COCO val2017 evaluation is "coco" (also accepted: instances_val2017, coco_minival), "objects365", "visual_genome".
+DETECTION: dict[str, tuple[str, dict[str, float]]] = {
+    "coco": ("AP", {"Florence-CoSwin-H + DyHead": 62.0, "DyHead-Swin-L (multi-scale)": 58.4,
+                    "DyHead-Swin-L (ms + self-training)": 60.3, "Soft Teacher": 60.7}),
+    "objects365": ("AP", {"Florence-CoSwin-H + DyHead": 39.3, "Multi-dataset Detection": 33.7}),
+    "visual_genome": ("AP50", {"Florence-CoSwin-H + DyHead": 16.2, "VinVL": 13.8}),
+}
+DETECTION_ALIASES = {"instances_val2017": "coco", "coco_minival": "coco", "coco_val2017": "coco"}
+
+
 def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, float]]:
     """``[(model, value %), ...]`` for one result: Florence first, then the CLIP baselines (where reported).
 
@@ -116,6 +129,9 @@ def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, floa
             return []
         order = ["Florence-CoSwin-H"] + [m for m in FINE_TUNED_IMAGENET if m != "Florence-CoSwin-H"]
         return [(m, FINE_TUNED_IMAGENET[m][metric]) for m in order if metric in FINE_TUNED_IMAGENET[m]]
+    if task == "detection":
+        paper_metric_name, rows = DETECTION.get(DETECTION_ALIASES.get(dataset, dataset), ("", {}))
+        return list(rows.items()) if metric == paper_metric_name else []
     if task in ("retrieval", "retrieval-finetune"):
         table = RETRIEVAL_ZERO_SHOT if task == "retrieval" else RETRIEVAL_FINE_TUNED
         rows = [("Florence", table["Florence"].get(dataset, {}).get(metric))]

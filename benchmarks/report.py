@@ -62,6 +62,10 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         stds = r.get("metrics_std", {})
         for metric, value in r["metrics"].items():
+            if float(value) < 0:  # COCO's -1: no ground truth in that area range
+                lines.append(f"| {r['task']} | {r['dataset']} | {metric} | – (no ground truth) | – | – | – "
+                             f"| {r['protocol']} |")
+                continue
             ours = 100.0 * float(value)
             shown = f"{ours:.2f}" + (f" ± {100.0 * float(stds[metric]):.2f}" if metric in stds else "")
             refs = reference_rows(r["task"], r["dataset"], metric)
@@ -79,8 +83,8 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     for path, digest in models:
         lines.append(f"Model `{path}` (bundle SHA-256 `{str(digest)[:16]}…`).")
     lines.append("Paper numbers: Florence Tables 1 (zero-shot), 2 (linear probe), 3 (ImageNet fine-tuning: "
-                 "`classify` results, baselines in the last column), 5 (retrieval); the difference is ours minus "
-                 "theirs, in points.")
+                 "`classify` results, baselines in the last column), 5 (retrieval), 6 (detection); the difference "
+                 "is ours minus theirs, in points.")
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,12 @@
 
     florence train CONFIG [key=value ...]          any task by the config's task: key (florence.engine.train)
     florence eval TASK --model DIR --dataset NAME  evaluation protocols (florence.benchmarks.eval_cli)
+    florence eval detection --model DIR --annotations ANN.json --images DIR   COCO detection metrics
     florence predict --model DIR IMAGE...          classify your own images (florence.benchmarks.predict)
+    florence detect --model DIR IMAGE...           detect objects in your own images (florence.benchmarks.detect)
     florence report RESULTS...                     our numbers beside the paper's (florence.benchmarks.report)
     florence demo [--workdir DIR]                  the end-to-end Fashion-MNIST demo (florence.benchmarks.demo)
+    florence demo detection [--workdir DIR]        the Fashion-MNIST detection demo (florence.benchmarks.detection_demo)
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ _COMMANDS = {
     "report": "florence.benchmarks.report",
     "demo": "florence.benchmarks.demo",
     "predict": "florence.benchmarks.predict",
+    "detect": "florence.benchmarks.detect",
 }
 
 

@@ -1,3 +1,4 @@
+import gzip
 import os
 from pathlib import Path
 
@@ -38,4 +39,25 @@ def shapes(tmp_path_factory) -> Path:
         for i in range(8):
             img = rng.integers(0, 60, (28, 28, 3)) + 180 * mask[..., None] * rng.uniform(0.7, 1.0, 3)
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist(tmp_path_factory) -> Path:
+    """Fashion-MNIST-shaped idx files: 40 train / 20 test items, each a bright rectangle on black, labels 0..9."""
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        for img in images:
+            y0, x0 = rng.integers(0, 10, 2)
+            y1, x1 = rng.integers(18, 28, 2)
+            img[y0:y1, x0:x1] = rng.integers(150, 256)
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return root
