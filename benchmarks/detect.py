@@ -8,8 +8,9 @@ detect objects in your own images.
 
 Each image is resized as the bundle's test scale says (keep ratio, padded), detected, and its boxes mapped back to
 the image's pixels. Output: ``<output>/<image stem>.detections.png`` with the boxes, class names and scores drawn
-(boxes with score ≥ ``--score-thr``), and a table on stdout or, with ``--json``, a JSON object ``{"model",
-"predictions": [{"file", "detections": [{"label", "score", "box": [x1, y1, x2, y2]}]}], "skipped": [...]}``.
+(boxes with score ≥ ``--score-thr``), ``<output>/detections.json``, and a table on stdout or, with ``--json``, that
+JSON object ``{"model", "predictions": [{"file", "picture", "detections": [{"label", "score", "box": [x1, y1, x2,
+y2]}]}], "skipped": [...]}``.
 A missing or unreadable image stops with a one-line error naming it; ``--on-bad-sample skip`` skips and lists it.
 """
 from __future__ import annotations
@@ -91,7 +92,9 @@ def detect(args: argparse.Namespace) -> dict:
         predictions.append({"file": str(file), "picture": str(png), "detections": [
             {"label": names[int(c)], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}
             for b, s, c in zip(boxes, scores, classes)]})
-    return {"model": str(args.model), "predictions": predictions, "skipped": skipped}
+    result = {"model": str(args.model), "predictions": predictions, "skipped": skipped}
+    (out / "detections.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def format_table(result: dict) -> str:

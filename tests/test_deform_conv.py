@@ -26,19 +26,19 @@ def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) 
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _case(dtype, size=(7, 9), stride=1, padding=1, dilation=1, kernel=(3, 3), channels=(3, 4), seed=0):
+def _case(dtype, size=(7, 9), stride=1, padding=1, dilation=1, kernel=(3, 3), channels=(3, 4), seed=0, batch=2):
     """Random input, weight, bias, mask and offsets that mix continuous values (spread 3 px, many samples outside),
     integers, half-integers and far-away values."""
     g = torch.Generator().manual_seed(seed)
     (h, w), (kh, kw), (c, o) = size, kernel, channels
     ho, wo = _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation)
-    x = torch.randn(2, c, h, w, generator=g, dtype=dtype)
-    offset = torch.randn(2, 2 * kh * kw, ho, wo, generator=g, dtype=dtype) * 3
+    x = torch.randn(batch, c, h, w, generator=g, dtype=dtype)
+    offset = torch.randn(batch, 2 * kh * kw, ho, wo, generator=g, dtype=dtype) * 3
     pick = torch.randint(0, 6, offset.shape, generator=g)
     offset = torch.where(pick == 0, offset.round(), offset)  # integer positions (incl. -1, H - 1, H)
     offset = torch.where(pick == 1, offset.round() + 0.5, offset)  # half-integer positions
     offset = torch.where(pick == 2, torch.full_like(offset, -40.25), offset)  # far outside
-    mask = torch.rand(2, kh * kw, ho, wo, generator=g, dtype=dtype)
+    mask = torch.rand(batch, kh * kw, ho, wo, generator=g, dtype=dtype)
     weight = torch.randn(o, c, kh, kw, generator=g, dtype=dtype)
     bias = torch.randn(o, generator=g, dtype=dtype)
     return x, offset, mask, weight, bias
@@ -96,6 +96,16 @@ def test_matches_torchvision_other_geometries(kernel, stride, padding, dilation)
                                           dilation=dilation, kernel=kernel)
     (ref, ref_grads), (ours, our_grads) = _both(x, offset, mask, weight, bias, stride=stride, padding=padding,
                                                 dilation=dilation)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_matches_torchvision_for_other_batches_and_channels_last_input(batch):
+    x, offset, mask, weight, bias = _case(torch.float64, size=(6, 7), batch=batch, channels=(5, 2))
+    (ref, ref_grads), (ours, our_grads) = _both(x.contiguous(memory_format=torch.channels_last), offset, mask, weight,
+                                                bias, padding=1)
     torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(our_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

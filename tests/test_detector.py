@@ -187,6 +187,7 @@ def test_detect_cli_draws_and_lists(trained, canvases, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert [p["file"] for p in result["predictions"]] == [str(f) for f in images]
     assert all(Path(p["picture"]).is_file() for p in result["predictions"])
+    assert json.loads((tmp_path / "pics" / "detections.json").read_text()) == result
     names = florence.from_pretrained(trained / "final").class_names
     assert all(d["label"] in names for p in result["predictions"] for d in p["detections"])
     assert detect.main(["--model", str(trained / "final"), str(tmp_path / "missing.png")]) == 2
