@@ -17,6 +17,7 @@ from torchvision.ops import batched_nms
 
 from florence.adapters.coco_eval import evaluate_detections
 from florence.data.detection import CocoDetection, detection_eval_loader
+from florence.data.detection_transforms import flip_boxes
 
 Predictions = dict[int, dict[str, torch.Tensor]]  # image id -> boxes (n, 4) xyxy original pixels, scores, labels
 
@@ -33,17 +34,22 @@ def predict_view(model: nn.Module, dataset: CocoDetection, *, scale: Sequence[in
         images = batch["images"].to(device)
         sizes = batch["image_sizes"].to(device)
         for i, det in enumerate(model.predict(images, sizes)):
-            boxes = det["boxes"].float().cpu()  # n, 4 xyxy in resized pixels
-            if flip:
-                w = float(batch["image_sizes"][i, 1])
-                boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-            sy, sx = (float(v) for v in batch["scale_factors"][i])
-            boxes = boxes / torch.tensor([sx, sy, sx, sy])
-            out[int(batch["image_ids"][i])] = {"boxes": boxes, "scores": det["scores"].float().cpu(),
-                                               "labels": det["labels"].cpu()}
+            out[int(batch["image_ids"][i])] = to_original(det, batch, i, flipped=flip)
         if progress is not None:
             progress(len(images))
     return out, loader.report()
+
+
+def to_original(det: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], i: int,
+                flipped: bool = False) -> dict[str, torch.Tensor]:
+    """Image ``i``'s detections (boxes xyxy in the resized, possibly flipped input) on the CPU in original pixels:
+    un-flipped within ``image_sizes[i]`` and divided by ``scale_factors[i]`` (sy, sx)."""
+    boxes = det["boxes"].float().cpu()  # n, 4
+    if flipped:
+        boxes = flip_boxes(boxes, float(batch["image_sizes"][i, 1]))
+    sy, sx = (float(v) for v in batch["scale_factors"][i])
+    return {"boxes": boxes / torch.tensor([sx, sy, sx, sy]), "scores": det["scores"].float().cpu(),
+            "labels": det["labels"].cpu()}
 
 
 def merge_views(views: list[Predictions], iou_threshold: float, max_per_img: int) -> Predictions:

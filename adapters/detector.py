@@ -35,7 +35,7 @@ from florence.adapters.detection_convert import convert_detector_state_dict
 from florence.adapters.dyhead import DyHead
 from florence.adapters.fpn import FPN
 from florence.bundle import BundleMixin
-from florence.factory import create_model
+from florence.factory import create_model, load_weights
 from florence.heads.atss import ATSSHead
 from florence.registry import register_architecture
 from florence.weights import LoadReport, WeightsError, read_state_dict
@@ -166,20 +166,9 @@ class Detector(BundleMixin, nn.Module):
         return cls(backbone, **config)
 
     def load_foreign_weights(self, src, *, format: str, strict: bool = True) -> LoadReport:
-        """mmdetection ("mmdet") or official DynamicHead ("dynamichead") detector checkpoints."""
-        state = convert_detector_state_dict(read_state_dict(src), format=format)
-        own = self.state_dict()
-        missing = sorted(k for k in own if k not in state)
-        unexpected = sorted(k for k in state if k not in own)
-        mismatched = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
-        if strict and (missing or unexpected or mismatched):
-            raise WeightsError(f"Detector: strict load of a {format} checkpoint failed: missing {missing[:10]} "
-                               f"({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)}), shape mismatch "
-                               f"{mismatched[:10]}")
-        loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-        self.load_state_dict(loadable, strict=False)
-        return LoadReport(loaded=sorted(loadable), missing=missing, unexpected=sorted(unexpected + mismatched),
-                          newly_initialized=missing, resized=[])
+        """mmdetection ("mmdet") or official DynamicHead ("dynamichead") detector checkpoints, converted to our keys
+        and loaded as ``florence.load_weights`` loads our own (strict by default, a ``LoadReport``)."""
+        return load_weights(self, convert_detector_state_dict(read_state_dict(src), format=format), strict=strict)
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{k}" for k in getattr(self.backbone, "no_weight_decay", lambda: set())()}

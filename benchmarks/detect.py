@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from florence.adapters.detection_eval import to_original
 from florence.adapters.zeroshot_detection import ProposalClassifier
 from florence.benchmarks.draw_boxes import draw_detections
 from florence.benchmarks.predict import parse_labels
@@ -80,9 +81,7 @@ def detect(args: argparse.Namespace) -> dict:
         batch = detection_inputs([image], model.preprocess, scale=model.input_cfg["scale"],
                                  size_divisor=model.input_cfg["size_divisor"])
         det = model.predict(batch["images"].to(args.device), batch["image_sizes"].to(args.device))[0]
-        sy, sx = (float(v) for v in batch["scale_factors"][0])
-        det = {"boxes": det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy]),
-               "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
+        det = to_original(det, batch, 0)
         if classifier is not None:
             det = classifier(image, det)
         keep = det["scores"] >= args.score_thr

@@ -37,6 +37,8 @@ from florence.data import (
 )
 from florence.data.sources import CAPTION_LABEL_BIT, FASHION_MNIST_DIR
 from florence.data.templates import format_prompt
+from florence.engine.config import load_config
+from florence.engine.train import resolve_task
 from florence.errors import FlorenceError
 
 PREPROCESS = dict(input_size=[3, 32, 32], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bicubic",
@@ -551,9 +553,6 @@ def test_validate_data_config_reads_no_data_and_accepts_the_packaged_recipes(tmp
     """Every data section shipped in configs/ is valid under its task's schema (image-label / caption sources, or
     COCO-format detection data); a typo is found before any file is opened (the path does not exist, yet the error
     is about the typo), and the loader reports the same error."""
-    from florence.engine.config import load_config
-    from florence.engine.train import resolve_task
-
     recipes = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
     checked = 0
     for recipe in recipes:
