@@ -19,11 +19,19 @@ from torch import nn
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
 
 
-def _pooling_kwargs(model_class: type) -> dict[str, Any]:
+def pooling_kwargs(model_class: type) -> dict[str, Any]:
     """``add_pooling_layer=False`` where the class supports it: an unused pooler leaves parameters without
     gradients, which DDP rejects."""
     params = inspect.signature(model_class.__init__).parameters
     return {"add_pooling_layer": False} if "add_pooling_layer" in params else {}
+
+
+def text_positions(config) -> int:
+    """Longest input a transformers encoder's position table admits (RoBERTa reserves ``pad_token_id + 1``)."""
+    n = int(config.max_position_embeddings)
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        n -= int(config.pad_token_id) + 1
+    return n
 
 
 def hf_config_from_dict(config: dict[str, Any]):
@@ -36,6 +44,26 @@ def hf_config_from_dict(config: dict[str, Any]):
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"text config: unknown transformers model_type {model_type!r}")
     return CONFIG_MAPPING[model_type].from_dict({k: v for k, v in config.items() if k not in _PROVENANCE_KEYS})
+
+
+def encoder_from_config(hf_config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised transformers encoder (no pooler) from a config dict with ``model_type``."""
+    from transformers import AutoModel, MODEL_MAPPING
+
+    config = hf_config_from_dict(hf_config)
+    return AutoModel.from_config(config, **pooling_kwargs(MODEL_MAPPING[type(config)]))
+
+
+def encoder_from_pretrained(path: str | os.PathLike) -> nn.Module:
+    """A transformers encoder (no pooler) from a local directory (``config.json`` + weights); never downloads."""
+    from transformers import AutoConfig, AutoModel, MODEL_MAPPING
+
+    path = str(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"text tower: {path!r} has no config.json (expected a local transformers model "
+                                "directory)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return AutoModel.from_pretrained(path, local_files_only=True, **pooling_kwargs(MODEL_MAPPING[type(config)]))
 
 
 class TextTower(nn.Module):
@@ -57,27 +85,13 @@ class TextTower(nn.Module):
     @classmethod
     def from_config(cls, hf_config: dict[str, Any], embed_dim: int) -> "TextTower":
         """Randomly initialised encoder from a Hugging Face config dict (``model_type`` + config fields)."""
-        from transformers import AutoModel, MODEL_MAPPING
-
-        config = hf_config_from_dict(hf_config)
-        model_class = MODEL_MAPPING[type(config)]
-        encoder = AutoModel.from_config(config, **_pooling_kwargs(model_class))
-        return cls(encoder, embed_dim)
+        return cls(encoder_from_config(hf_config), embed_dim)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, embed_dim: int) -> "TextTower":
         """Encoder weights from a local transformers directory (``config.json`` + weights); never downloads.
         The projection is newly initialised."""
-        from transformers import AutoConfig, AutoModel, MODEL_MAPPING
-
-        path = str(path)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"text tower: {path!r} has no config.json (expected a local transformers model "
-                                    "directory)")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        encoder = AutoModel.from_pretrained(path, local_files_only=True,
-                                            **_pooling_kwargs(MODEL_MAPPING[type(config)]))
-        return cls(encoder, embed_dim)
+        return cls(encoder_from_pretrained(path), embed_dim)
 
     @property
     def hf_config(self) -> dict[str, Any]:
@@ -94,11 +108,7 @@ class TextTower(nn.Module):
     @property
     def max_length(self) -> int:
         """Longest input the position table admits (RoBERTa reserves ``pad_token_id + 1`` positions)."""
-        config = self.encoder.config
-        n = int(config.max_position_embeddings)
-        if config.model_type in ("roberta", "xlm-roberta", "camembert"):
-            n -= int(config.pad_token_id) + 1
-        return n
+        return text_positions(self.encoder.config)
 
     def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token states of the last layer.

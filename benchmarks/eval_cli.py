@@ -1,6 +1,7 @@
 """``florence eval TASK --model DIR --dataset NAME ...``: zeroshot, linear-probe, few-shot, retrieval,
 retrieval-finetune, classify (``florence eval TASK --help`` lists each task's own flags); ``florence eval detection``
-(COCO-format detection, its own flags) is ``florence.benchmarks.detection_cli``.
+(COCO-format detection, its own flags) is ``florence.benchmarks.detection_cli``, ``florence eval vqa`` (VQAv2-format
+questions, the official VQA accuracy, its own flags) ``florence.benchmarks.vqa_cli``.
 
 ``retrieval-finetune`` first continues UniCL training of the model on the training pairs (Karpathy ``--train-splits``
 of the same caption file, or ``--train-captions CSV``) with the engine (``florence.benchmarks.finetune_retrieval``,
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     """``florence eval TASK ...``: one sub-command per task, each with its own flags in its ``--help``."""
     p = argparse.ArgumentParser(prog="florence eval", description="Evaluate a model bundle with one protocol; "
                                 "'florence eval TASK --help' lists that task's flags; 'florence eval detection "
-                                "--help' those of COCO detection.")
+                                "--help' those of COCO detection, 'florence eval vqa --help' those of VQA.")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
     common = _common_parser()
     for task in TASKS:
@@ -596,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["detection"]:  # COCO-format data, its own flags (florence.benchmarks.detection_cli)
         return detection_cli.main(argv[1:])
+    if argv[:1] == ["vqa"]:  # VQAv2-format questions, its own flags
+        from florence.benchmarks import vqa_cli  # the VQA model, data and metric load only for this command
+
+        return vqa_cli.main(argv[1:])
     args = parse_args(argv)
     try:
         path, result = evaluate(args)

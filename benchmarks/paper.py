@@ -1,4 +1,4 @@
-"""Published numbers to compare against (SPEC §8.1, §8.2, §8.5), in percent, keyed by our ``--dataset`` names.
+"""Published numbers to compare against (SPEC §6.4, §8.1, §8.2, §8.5), in percent, keyed by our ``--dataset`` names.
 
 - ``ZERO_SHOT``: Florence Table 1 (zero-shot classification; the dataset's metric, SPEC §8.2 convention).
 - ``LINEAR_PROBE``: Florence Table 2 (linear probe, CLIP protocol).
@@ -7,11 +7,15 @@
 - ``RETRIEVAL``: Florence Table 5 (Flickr30K 1K test, MSCOCO 5K test; R@1 / R@5), zero-shot and fine-tuned.
 - ``DETECTION``: Florence Table 6 (COCO minival AP, Objects365 AP, Visual Genome AP50) beside ``florence eval
   detection`` results.
+- ``VQA``: Florence Table 8 (VQAv2 test-dev / test-std official VQA accuracy, SPEC §6.4) beside ``florence eval vqa``
+  results.
 
 Each table maps a model name to ``{dataset: value}``; ``FLORENCE`` names Florence's row, ``CLIP_BASELINES`` the CLIP
 rows that SPEC lists. A value is missing where the paper has "–".
 """
 from __future__ import annotations
+
+import re
 
 FLORENCE = "Florence-CoSwin-H@384"
 CLIP_BASELINES = ("CLIP-RN50x64", "CLIP-ViT-L/14@336")
@@ -109,12 +113,40 @@ DETECTION: dict[str, tuple[str, dict[str, float]]] = {
 DETECTION_ALIASES = {"instances_val2017": "coco", "coco_minival": "coco", "coco_val2017": "coco"}
 
 
+VQAV2_NAMES = re.compile(r"vqa|mscoco|coco|val2014|minival|test-?dev|test2015", re.IGNORECASE)
+
+
+def is_vqav2(dataset: str) -> bool:
+    """Whether a ``florence eval vqa`` result name is a VQAv2 split (``mscoco_val2014``, ``minival``, ...), the data
+    of Table 8; other VQA data (Fashion-MNIST VQA) has no paper number."""
+    return bool(VQAV2_NAMES.search(dataset))
+
+
+# Table 8: VQAv2 fine-tuned, official VQA accuracy (overall) [FL-T8, SPEC §6.4]; {model: (test-dev, test-std)}.
+# Both splits are scored on EvalAI only; a local ``florence eval vqa`` result (val, minival, Fashion-MNIST) is shown
+# beside them for orientation, not as the same number.
+VQA: dict[str, tuple[float, float]] = {
+    "UNITER": (73.82, 74.02),
+    "Visual Parsing": (74.00, 74.17),
+    "PixelBERT": (74.45, 74.55),
+    "VILLA": (74.69, 74.87),
+    "UNIMO": (75.06, 75.27),
+    "ALBEF": (75.84, 76.04),
+    "VinVL": (76.52, 76.60),
+    "CLIP-ViL": (76.48, 76.70),
+    "METER (CLIP-ViT-B/16 + RoBERTa)": (77.68, 77.64),
+    "SimVLM": (80.03, 80.34),
+    "Florence": (80.16, 80.36),
+}
+
+
 def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, float]]:
     """``[(model, value %), ...]`` for one result: Florence first, then the CLIP baselines (where reported).
 
-    ``task`` is ``zeroshot``, ``linear-probe``, ``classify`` (Table 3), ``retrieval`` or ``retrieval-finetune``;
-    classification tables are
-    compared on the dataset's paper metric only (``paper_metric``), retrieval tables per R@K key.
+    ``task`` is ``zeroshot``, ``linear-probe``, ``classify`` (Table 3), ``detection`` (Table 6), ``retrieval`` or
+    ``retrieval-finetune`` (Table 5), or ``vqa`` (Table 8: test-dev ``overall`` of Florence and METER, VQAv2 data
+    only); classification tables are compared on the dataset's paper metric only (``paper_metric``), retrieval
+    tables per R@K key.
     """
     if task in ("zeroshot", "linear-probe"):
         if task == "zeroshot" and dataset == "imagenet" and metric == "top5":
@@ -132,6 +164,10 @@ def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, floa
     if task == "detection":
         paper_metric_name, rows = DETECTION.get(DETECTION_ALIASES.get(dataset, dataset), ("", {}))
         return list(rows.items()) if metric == paper_metric_name else []
+    if task == "vqa":  # Table 8: test-dev, for results on VQAv2 data only
+        if metric != "overall" or not is_vqav2(dataset):
+            return []
+        return [(m, VQA[m][0]) for m in ("Florence", "METER (CLIP-ViT-B/16 + RoBERTa)")]
     if task in ("retrieval", "retrieval-finetune"):
         table = RETRIEVAL_ZERO_SHOT if task == "retrieval" else RETRIEVAL_FINE_TUNED
         rows = [("Florence", table["Florence"].get(dataset, {}).get(metric))]

@@ -2,7 +2,9 @@
 
 RESULTS are ``florence eval`` JSON files or directories holding them. For each result and metric the table shows our
 value (percent), the paper's Florence value and the CLIP rows of SPEC §8 where the paper reports that dataset and
-metric, and our difference to each. ``--output FILE`` also writes the Markdown to a file.
+metric, and our difference to each. ``florence eval vqa`` results (official VQA accuracy, already in percent) get
+their own table (overall, yes/no, number, other) beside the paper's Table 8 (VQAv2 test-dev / test-std).
+``--output FILE`` also writes the Markdown to a file.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from florence.benchmarks.paper import reference_rows
+from florence.benchmarks.paper import VQA, reference_rows
 
 REQUIRED_KEYS = ("task", "dataset", "protocol", "metrics", "model")
 
@@ -52,14 +54,37 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _vqa_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The VQA table (ours, percent as the official evaluator prints) and the paper's Table 8 below it."""
+    lines = ["", "VQA, official VQA accuracy (%):", "",
+             "| dataset | questions | overall | yes/no | number | other | Florence test-dev (%) | Δ vs Florence "
+             "| protocol |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        types = m.get("perAnswerType", {})
+        cells = [_pct(m.get("overall"))] + [_pct(types.get(t)) for t in ("yes/no", "number", "other")]
+        refs = dict(reference_rows("vqa", r["dataset"], "overall"))
+        florence = refs.get("Florence")
+        delta = "–" if florence is None else f"{float(m['overall']) - florence:+.2f}"
+        lines.append(f"| {r['dataset']} | {m.get('num_questions', '–')} | {' | '.join(cells)} | {_pct(florence)} "
+                     f"| {delta} | {r['protocol']} |")
+    lines += ["", "Table 8 (VQAv2, scored on EvalAI): " + "; ".join(
+        f"{model} {dev:.2f} / {std:.2f}" for model, (dev, std) in VQA.items()) + " (test-dev / test-std). "
+        "Δ only for results on VQAv2 data (val / minival differ from test-dev; other data has no paper number)."]
+    return lines
+
+
 def render_markdown(results: list[dict[str, Any]]) -> str:
-    """One Markdown table: task, dataset, metric, ours, then ``model: value (ours - value)`` per reference."""
+    """One Markdown table: task, dataset, metric, ours, then ``model: value (ours - value)`` per reference; VQA
+    results in a table of their own beside Table 8."""
+    vqa = [r for r in results if r["task"] == "vqa"]
     lines = [
         "| task | dataset | metric | ours (%) | Florence paper (%) | Δ vs Florence | CLIP baselines (%) (Δ) "
         "| protocol |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in (r for r in results if r["task"] != "vqa"):
         stds = r.get("metrics_std", {})
         for metric, value in r["metrics"].items():
             if float(value) < 0:  # COCO's -1: no ground truth in that area range
@@ -78,13 +103,18 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
                 f"| {r['task']} | {r['dataset']} | {metric} | {shown} | {_pct(f_value)} | {f_delta} | {clip} "
                 f"| {r['protocol']} |"
             )
-    models = sorted({(r["model"].get("path", "?"), r["model"].get("sha256", "?")) for r in results})
+    if len(vqa) == len(results):
+        lines = _vqa_lines(vqa)[1:]  # only VQA results: no general table
+    elif vqa:
+        lines += _vqa_lines(vqa)
+    models = sorted({(r["model"].get("path") or r["model"].get("predictions", "?"), r["model"].get("sha256", "?"))
+                     for r in results})
     lines.append("")
     for path, digest in models:
         lines.append(f"Model `{path}` (bundle SHA-256 `{str(digest)[:16]}…`).")
     lines.append("Paper numbers: Florence Tables 1 (zero-shot), 2 (linear probe), 3 (ImageNet fine-tuning: "
-                 "`classify` results, baselines in the last column), 5 (retrieval), 6 (detection); the difference "
-                 "is ours minus theirs, in points.")
+                 "`classify` results, baselines in the last column), 5 (retrieval), 6 (detection), 8 (VQA); the "
+                 "difference is ours minus theirs, in points.")
     return "\n".join(lines) + "\n"
 
 

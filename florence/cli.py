@@ -3,11 +3,14 @@
     florence train CONFIG [key=value ...]          any task by the config's task: key (florence.engine.train)
     florence eval TASK --model DIR --dataset NAME  evaluation protocols (florence.benchmarks.eval_cli)
     florence eval detection --model DIR --annotations ANN.json --images DIR   COCO detection metrics
+    florence eval vqa --model DIR --questions Q.json --annotations A.json --images DIR   official VQA accuracy
     florence predict --model DIR IMAGE...          classify your own images (florence.benchmarks.predict)
     florence detect --model DIR IMAGE...           detect objects in your own images (florence.benchmarks.detect)
+    florence vqa --model DIR IMAGE "question"      answer questions about an image (florence.benchmarks.vqa_predict)
     florence report RESULTS...                     our numbers beside the paper's (florence.benchmarks.report)
     florence demo [--workdir DIR]                  the end-to-end Fashion-MNIST demo (florence.benchmarks.demo)
     florence demo detection [--workdir DIR]        the Fashion-MNIST detection demo (florence.benchmarks.detection_demo)
+    florence demo vqa [--workdir DIR]              the Fashion-MNIST VQA demo (florence.benchmarks.vqa_demo)
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ _COMMANDS = {
     "demo": "florence.benchmarks.demo",
     "predict": "florence.benchmarks.predict",
     "detect": "florence.benchmarks.detect",
+    "vqa": "florence.benchmarks.vqa_predict",
 }
 
 

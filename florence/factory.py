@@ -13,7 +13,8 @@ is ``pretrained_format`` ("florence" = our own layout, or a foreign layout the m
 for Swin image towers; default: ``model.default_weight_format``).
 
 ``backbone=`` builds a composite model around a pre-trained image tower: a bundle directory (the tower of a dual
-encoder or an image-tower bundle, with its preprocessing) or a tower name; ``image_tower(spec)`` resolves it.
+encoder or an image-tower bundle, with its preprocessing) or a tower name; ``image_tower(spec)`` resolves it, or the
+architecture's own ``resolve_backbone(spec)`` when it takes more than the image tower (METER takes both towers).
 
 This module knows no model class: registries (``florence.registry``) find them.
 """
@@ -101,9 +102,9 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
     Composite models: ``create_model("image_classifier", backbone="runs/demo/pretrain/final", num_classes=10)``.
     """
     pretrained_format = overrides.pop("pretrained_format", None)
-    if "backbone" in overrides:
-        overrides["backbone"] = image_tower(overrides["backbone"])
     if name in registered_names():
+        if "backbone" in overrides:
+            overrides["backbone"] = image_tower(overrides["backbone"])
         model = get_entrypoint(name)(**overrides)
         if getattr(model, "florence_config", None) is None:  # composites set their own (the tower, not the path)
             model.florence_config = {"name": name, "overrides": _jsonable(overrides, name)}
@@ -115,7 +116,10 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
         if architecture is None:
             raise FlorenceError(f"configs/models/{name}.json: no 'architecture' key")
         config["name"] = name
-        model = get_architecture(architecture).from_config(config, **extras)
+        cls = get_architecture(architecture)
+        if "backbone" in extras:  # the image tower, or what the architecture takes (METER: both towers)
+            extras["backbone"] = getattr(cls, "resolve_backbone", image_tower)(extras["backbone"])
+        model = cls.from_config(config, **extras)
     if pretrained is not None:
         path = Path(pretrained)
         if path.is_dir():
