@@ -25,6 +25,7 @@ false``). bf16, DDP / FSDP, exact resume and the best checkpoint are the engine'
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from florence.adapters.vqa_eval import evaluate_vqa, flat_vqa_metrics
 from florence.bundle import from_pretrained
-from florence.data.vqa import VQADataset, build_answer_vocab, build_vqa_train_loader, validate_vqa_data
+from florence.data.vqa import build_answer_vocab, build_vqa_train_loader, training_datasets, validate_vqa_data
 from florence.engine.config import ConfigError
 from florence.engine.distributed import DistEnv
 from florence.engine.task import Task
@@ -42,6 +43,7 @@ from florence.factory import create_model
 from florence.registry import register_task
 
 EVAL_SOURCE_KEYS = {"type", "questions", "annotations", "images", "image_pattern"}
+logger = logging.getLogger("florence.adapters")
 
 
 @dataclass
@@ -63,6 +65,14 @@ def check_vqa_eval_source(source: dict) -> None:
             raise ConfigError(f"eval.source.{key}: required (a path)")
 
 
+def long_questions(texts: list[str], tokenizer, max_len: int) -> list[tuple[int, str]]:
+    """``(token count, text)`` of the distinct ``texts`` longer than ``max_len`` tokens (special tokens included),
+    longest first: what ``tokenize`` would cut."""
+    distinct = sorted(set(texts))
+    lengths = [len(ids) for ids in tokenizer(distinct)["input_ids"]] if distinct else []
+    return sorted(((n, t) for n, t in zip(lengths, distinct) if n > max_len), reverse=True)
+
+
 def _read_answers(path: str) -> list[str]:
     try:
         answers = json.loads(Path(path).read_text())
@@ -73,14 +83,6 @@ def _read_answers(path: str) -> list[str]:
     if len(set(answers)) != len(answers):
         raise ConfigError(f"task.answers: {path} lists an answer twice")
     return answers
-
-
-def training_datasets(data: dict) -> list[VQADataset]:
-    """The training part of every ``data.sources`` entry (hold-outs removed), as the train loader reads them."""
-    return [VQADataset(s["questions"], s.get("annotations"), s["images"], image_pattern=s.get("image_pattern"),
-                       holdout_images=s.get("holdout_images", 0), holdout_seed=s.get("holdout_seed", 0),
-                       part="train")
-            for s in data["sources"]]
 
 
 @register_task("vqa")
@@ -139,9 +141,17 @@ class VQATask(Task):
 
     def build_loader(self, model: nn.Module, env: DistEnv, run_dir: Path, micro_batch: int):
         data_cfg = {"seed": self.cfg.seed, **self.cfg.data, "batch_size": micro_batch}
-        return build_vqa_train_loader(data_cfg, preprocess=model.preprocess, tokenize=model.tokenize,
-                                      answers=model.answers, rank=env.rank, world_size=env.world_size,
-                                      run_dir=run_dir)
+        loader = build_vqa_train_loader(data_cfg, preprocess=model.preprocess, tokenize=model.tokenize,
+                                        answers=model.answers, rank=env.rank, world_size=env.world_size,
+                                        run_dir=run_dir)
+        if env.is_main:  # questions cut by the text length lose words: said once, with the longest
+            texts = [s.dataset.question(i) for s in loader.sources for i in s.rows]
+            cut = long_questions(texts, model.tokenizer, model.max_text_len)
+            if cut:
+                logger.warning("%d distinct training questions are longer than max_text_len=%d tokens and are cut "
+                               "(longest: %d tokens, %r); raise model.overrides.max_text_len", len(cut),
+                               model.max_text_len, cut[0][0], cut[0][1])
+        return loader
 
     # -- loss ---------------------------------------------------------------------------------------------------
 

@@ -187,8 +187,18 @@ def image_name(split: str, image_id: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- layout
+def plain_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """(size, size, 3) float in [0, 1]: one dark colour (values 0..0.15) plus pixel noise (std 0.02)."""
+    base = rng.uniform(0.0, 0.15, 3)
+    return np.clip(base[None, None, :] + rng.normal(0.0, 0.02, (size, size, 3)), 0.0, 1.0)
+
+
+BACKGROUNDS = {"texture": background, "plain": plain_background}
+
+
 def render(rng: np.random.Generator, images: np.ndarray, pools: Sequence[np.ndarray], labels: Sequence[int],
-           canvas: int, grid: int, scale: tuple[int, int], items: tuple[int, int]) -> tuple[np.ndarray, list[Item]]:
+           canvas: int, grid: int, scale: tuple[int, int], items: tuple[int, int],
+           backdrop: str = "texture") -> tuple[np.ndarray, list[Item]]:
     """One canvas (canvas, canvas, 3) uint8 and its items; see the module docstring.
 
     ``images`` (N, 28, 28) uint8 is the Fashion-MNIST split, ``pools[c]`` the indices of its items of class ``c``,
@@ -210,7 +220,7 @@ def render(rng: np.random.Generator, images: np.ndarray, pools: Sequence[np.ndar
         alphas.append(a)
         corners.append((x, y))
         colours.append(_colour(rng))
-    out, _ = composite(background(rng, canvas), alphas, corners, colours)
+    out, _ = composite(BACKGROUNDS[backdrop](rng, canvas), alphas, corners, colours)
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8), placed
 
 
@@ -466,14 +476,14 @@ def _check(split: str, num_images: int, canvas: int, grid: int, scale: tuple[int
 
 def _params(split: str, num_images: int, seed: int, canvas: int, grid: int, scale: tuple[int, int],
             items: tuple[int, int], questions_per_image: int, mix: dict, rates: dict, classes: list[int],
-            root: Path) -> dict:
+            root: Path, backdrop: str) -> dict:
     files = _source_files(root, split)
     for f in files:
         if not f.is_file():
             raise DataNotFound(f"Fashion-MNIST file not found: {f} (install the Debian package "
                                "'dataset-fashion-mnist' or pass root=/--root a folder with the four idx .gz files)")
     return {"generator_version": GENERATOR_VERSION, "split": split, "num_images": num_images, "seed": seed,
-            "canvas": canvas, "grid": grid, "scale": list(scale), "items": list(items),
+            "canvas": canvas, "grid": grid, "scale": list(scale), "items": list(items), "background": backdrop,
             "questions_per_image": questions_per_image, "mix": mix, "annotators": rates, "classes": classes,
             "other_mix": OTHER_MIX, "number_weights": list(NUMBER_WEIGHTS), "largest_ratio": LARGEST_RATIO,
             "min_agreeing": MIN_AGREEING, "alpha_threshold": ALPHA_THRESHOLD,
@@ -500,7 +510,8 @@ def _up_to_date(paths: dict[str, Path], params: dict) -> dict | None:
 def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, canvas: int = 96, grid: int = 3,
              scale: tuple[int, int] = (16, 32), min_items: int = 2, max_items: int = 5, questions_per_image: int = 5,
              mix: Mapping[str, float] | None = None, annotators: Mapping[str, float] | None = None,
-             classes: Sequence[str | int] | None = None, root: str | Path | None = None) -> VQACanvasSplit:
+             classes: Sequence[str | int] | None = None, root: str | Path | None = None,
+             backdrop: str = "texture") -> VQACanvasSplit:
     """Write (or find up to date) one split of the Fashion-MNIST VQA dataset; see the module docstring.
 
     Args:
@@ -517,16 +528,19 @@ def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, can
             ``DEFAULT_ANNOTATORS``).
         classes: paste and ask about only these classes (names or ids 1..10).
         root: Fashion-MNIST folder (default the Debian package's).
+        backdrop: "texture" (the detection canvases' textured backgrounds) or "plain" (one dark colour + noise).
     """
     mix = {t: float(w) for t, w in (mix if mix is not None else DEFAULT_MIX).items()}
     rates = {k: float(v) for k, v in {**DEFAULT_ANNOTATORS, **(annotators or {})}.items()}
     scale, items = (int(scale[0]), int(scale[1])), (int(min_items), int(max_items))
     _check(split, num_images, canvas, grid, scale, items, questions_per_image, mix, rates)
     labels = [c - 1 for c in resolve_classes(classes)]
+    if backdrop not in BACKGROUNDS:
+        raise CanvasError(f"backdrop: {backdrop!r} is not one of {sorted(BACKGROUNDS)}")
     root = Path(root if root is not None else FASHION_MNIST_DIR)
     paths = split_paths(out_dir, split)
     params = _params(split, num_images, seed, canvas, grid, scale, items, questions_per_image, mix, rates, labels,
-                     root)
+                     root, backdrop)
     recorded = _up_to_date(paths, params)
     if recorded is not None:
         return VQACanvasSplit(paths["images"], paths["questions"], paths["annotations"], paths["layout"], num_images,
@@ -548,7 +562,7 @@ def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, can
     digest = hashlib.sha256()
     for image_id in range(1, num_images + 1):
         rng = np.random.default_rng([seed, SPLITS[split], image_id])
-        pixels, placed = render(rng, source.images, pools, labels, canvas, grid, scale, items)
+        pixels, placed = render(rng, source.images, pools, labels, canvas, grid, scale, items, backdrop)
         asked = ask(rng, candidate_questions(placed, grid, labels), questions_per_image, mix)
         present = sorted({item.label for item in placed})
         name = image_name(split, image_id)
@@ -604,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"), help="items per image")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids 1..10 (default all)")
     p.add_argument("--root", type=Path, default=Path(FASHION_MNIST_DIR), help="Fashion-MNIST idx folder")
+    p.add_argument("--background", choices=sorted(BACKGROUNDS), default="texture",
+                   help="texture: the detection canvases' backgrounds; plain: one dark colour + noise")
     return p
 
 
@@ -616,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             done = generate(args.out, split, count, args.seed, canvas=args.canvas, grid=args.grid,
                             scale=tuple(args.scale), min_items=args.items[0], max_items=args.items[1],
-                            questions_per_image=args.questions_per_image, classes=chosen, root=args.root)
+                            questions_per_image=args.questions_per_image, classes=chosen, root=args.root,
+                            backdrop=args.background)
             kinds = summarize(done.annotations)["answer_types"]
             shares = ", ".join(f"{t} {100 * kinds.get(t, 0) / done.num_questions:.1f}%" for t in ANSWER_TYPES)
             state = "up to date" if done.skipped else "written"

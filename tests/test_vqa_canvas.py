@@ -247,11 +247,24 @@ def test_idempotent_with_manifest(tmp_path, fake_fmnist):
 @pytest.mark.parametrize("kwargs, match", [
     ({"split": "val"}, "split"), ({"scale": (16, 40)}, "scale"), ({"max_items": 10}, "items"),
     ({"mix": {"colour": 1.0}}, "mix"), ({"annotators": {"exact": 0.0}}, "annotators"),
-    ({"classes": ["Hat"]}, "'Hat' is neither")])
+    ({"classes": ["Hat"]}, "'Hat' is neither"), ({"backdrop": "stars"}, "backdrop")])
 def test_bad_parameters(tmp_path, fake_fmnist, kwargs, match):
     args = {"split": "train", **kwargs}
     with pytest.raises(vc.CanvasError, match=match):
         vc.generate(tmp_path, args.pop("split"), 2, seed=0, root=fake_fmnist, **args)
+
+
+def test_plain_background_is_dark_and_recorded(tmp_path, fake_fmnist):
+    plain = vc.generate(tmp_path / "plain", "test", 3, seed=0, root=fake_fmnist, backdrop="plain")
+    layout = json.loads(plain.layout.read_text())
+    manifest = json.loads((tmp_path / "plain" / "manifest_fmnist_test.json").read_text())
+    assert manifest["params"]["background"] == "plain"
+    for entry in layout["images"]:
+        pixels = np.asarray(Image.open(plain.images_dir / entry["file_name"]), dtype=np.float32) / 255
+        empty = np.ones(pixels.shape[:2], dtype=bool)  # pixels outside every pasted square
+        for item in entry["items"]:
+            empty[item["y"]:item["y"] + item["side"], item["x"]:item["x"] + item["side"]] = False
+        assert pixels[empty].max() < 0.15 + 5 * 0.02 + 1 / 255  # one dark colour + noise
 
 
 def test_missing_source_is_one_line(tmp_path):

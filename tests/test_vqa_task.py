@@ -12,7 +12,7 @@ import yaml
 import florence
 from florence.adapters.meter import MeterModel
 from florence.adapters.vlp_task import IGNORE, draw_false_images, mask_tokens
-from florence.adapters.vqa_task import VQATask
+from florence.adapters.vqa_task import VQATask, long_questions
 from florence.benchmarks import vqa_canvas, vqa_demo
 from florence.engine import train
 from florence.engine.config import ConfigError, load_config
@@ -126,6 +126,15 @@ def test_vqa_config_errors_name_the_key(tmp_path, vqa_data, dual_bundle):
     task = train.resolve_task(load_config(path, [f"task.answers={bad}"]))
     with pytest.raises(ConfigError, match="task.answers"):
         task.answer_vocabulary()
+
+
+def test_long_questions_are_found(dual_bundle):
+    tokenizer = florence.from_pretrained(dual_bundle).tokenizer
+    texts = ["is there a bag?", "what is in the bottom left corner of this picture?", "is there a bag?"]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    cut = long_questions(texts, tokenizer, lengths[0])
+    assert cut == [(lengths[1], texts[1])]
+    assert long_questions(texts, tokenizer, lengths[1]) == []
 
 
 def test_mlm_masking_follows_berts_recipe():

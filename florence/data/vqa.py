@@ -719,6 +719,19 @@ def validate_vqa_data(data: Any, key: str = "data") -> None:
             raise DataConfigError(f"{where}.part: 'holdout' needs holdout_images > 0")
 
 
+def training_datasets(config: dict[str, Any]) -> list[VQADataset]:
+    """The datasets of a ``data:`` section's ``sources`` as training reads them (each source's ``part``; default
+    ``train`` with a hold-out, else ``all``): what the train stream draws from and the answer vocabulary counts."""
+    datasets = []
+    for spec in config["sources"]:
+        holdout = int(spec.get("holdout_images", 0))
+        datasets.append(VQADataset(spec["questions"], spec.get("annotations"), spec["images"],
+                                   image_pattern=spec.get("image_pattern"), max_questions=config.get("max_questions"),
+                                   holdout_images=holdout, holdout_seed=int(spec.get("holdout_seed", 0)),
+                                   part=spec.get("part", "train" if holdout else "all"), name=spec.get("name")))
+    return datasets
+
+
 def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], tokenize: Tokenize,
                            answers: Sequence[str], rank: int = 0, world_size: int = 1,
                            run_dir: str | Path | None = None) -> VQATrainLoader:
@@ -732,12 +745,7 @@ def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any]
         raise DataConfigError("answers: the answer vocabulary is empty")
     index = {a: i for i, a in enumerate(answers)}
     sources = []
-    for spec in config["sources"]:
-        holdout = int(spec.get("holdout_images", 0))
-        dataset = VQADataset(spec["questions"], spec.get("annotations"), spec["images"],
-                             image_pattern=spec.get("image_pattern"), max_questions=config.get("max_questions"),
-                             holdout_images=holdout, holdout_seed=int(spec.get("holdout_seed", 0)),
-                             part=spec.get("part", "train" if holdout else "all"), name=spec.get("name"))
+    for dataset in training_datasets(config):
         targets = VQATargets(dataset, index)
         if targets.dropped:
             logger.info("%s: %d of %d questions without an in-vocabulary answer dropped from training", dataset.name,
