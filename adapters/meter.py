@@ -48,7 +48,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from florence.adapters.coattention import CoAttentionFusion, init_weights
-from florence.backbone.text_tower import encoder_from_config, encoder_from_pretrained, text_positions
+from florence.backbone.text_tower import (encoder_from_config, encoder_from_pretrained, set_encoder_checkpointing,
+                                          text_positions)
 from florence.bundle import BundleMixin, from_pretrained
 from florence.errors import FlorenceError
 from florence.factory import create_model
@@ -294,16 +295,7 @@ class MeterModel(BundleMixin, nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the towers' blocks and each co-attention layer in the backward pass."""
         self.image_encoder.set_grad_checkpointing(enable)
-        encoder = self.text_encoder
-        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            if enable:
-                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                encoder.activation_checkpointing_disable()
-        elif enable:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            encoder.gradient_checkpointing_disable()
+        set_encoder_checkpointing(self.text_encoder, enable)
         self.fusion.grad_checkpointing = enable
 
     def fsdp_wrap_modules(self) -> list[nn.Module]:

@@ -66,6 +66,20 @@ def encoder_from_pretrained(path: str | os.PathLike) -> nn.Module:
     return AutoModel.from_pretrained(path, local_files_only=True, **pooling_kwargs(MODEL_MAPPING[type(config)]))
 
 
+def set_encoder_checkpointing(encoder: nn.Module, enable: bool = True) -> None:
+    """Recompute each layer of a transformers encoder in the backward pass (transformers' activation checkpointing;
+    the method is ``activation_checkpointing_*`` from transformers 5.2x, ``gradient_checkpointing_*`` before)."""
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        if enable:
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            encoder.activation_checkpointing_disable()
+    elif enable:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_disable()
+
+
 class TextTower(nn.Module):
     """Transformers encoder -> hidden state of the first token -> ``projection`` (no bias).
 
@@ -128,18 +142,7 @@ class TextTower(nn.Module):
         return self.projection(pooled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each encoder layer in the backward pass (transformers' activation checkpointing; the method is
-        ``activation_checkpointing_*`` from transformers 5.2x, ``gradient_checkpointing_*`` before)."""
-        encoder = self.encoder
-        if hasattr(encoder, "activation_checkpointing_enable"):
-            if enable:
-                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                encoder.activation_checkpointing_disable()
-        elif enable:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            encoder.gradient_checkpointing_disable()
+        set_encoder_checkpointing(self.encoder, enable)
 
     @property
     def grad_checkpointing(self) -> bool:

@@ -47,6 +47,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from florence.bundle import sha256_file
 from florence.data.errors import DataNotFound
 from florence.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FashionMNISTSource
 from florence.errors import FlorenceError
@@ -239,13 +240,9 @@ def _fits(box: tuple[int, int, int, int], a: np.ndarray, x: int, y: int, boxes: 
     return True
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _params(split: str, num_images: int, seed: int, canvas: int, scale: tuple[int, int], max_items: int,
             classes: list[int], root: Path) -> dict:
-    files = _source_files(root, split)
+    files = source_files(root, split)
     for f in files:
         if not f.is_file():
             raise DataNotFound(f"Fashion-MNIST file not found: {f} (install the Debian package "
@@ -253,15 +250,16 @@ def _params(split: str, num_images: int, seed: int, canvas: int, scale: tuple[in
     return {"generator_version": GENERATOR_VERSION, "split": split, "num_images": num_images, "seed": seed,
             "canvas": canvas, "scale": list(scale), "max_items": max_items, "classes": classes,
             "alpha_threshold": ALPHA_THRESHOLD, "max_cover": MAX_COVER, "min_visible": MIN_VISIBLE,
-            "source_sha256": {Path(f).name: _sha256(Path(f)) for f in files}}
+            "source_sha256": {Path(f).name: sha256_file(Path(f)) for f in files}}
 
 
-def _source_files(root: Path, split: str) -> tuple[Path, Path]:
+def source_files(root: Path, split: str) -> tuple[Path, Path]:
+    """The Fashion-MNIST idx files (images, labels) of ``split`` under ``root``."""
     prefix = "train" if split == "train" else "t10k"
     return root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
 
 
-def _images_hash(folder: Path, names: Sequence[str]) -> str | None:
+def images_hash(folder: Path, names: Sequence[str]) -> str | None:
     """SHA-256 over the files' SHA-256s in order; None if one is missing."""
     h = hashlib.sha256()
     for name in names:
@@ -280,13 +278,14 @@ def _up_to_date(manifest: Path, params: dict, annotations: Path, images_dir: Pat
         recorded = json.loads(manifest.read_text())
     except json.JSONDecodeError:
         return None
-    if recorded.get("params") != params or recorded.get("annotations_sha256") != _sha256(annotations):
+    if recorded.get("params") != params or recorded.get("annotations_sha256") != sha256_file(annotations):
         return None
     names = [f"{i:06d}.png" for i in range(1, params["num_images"] + 1)]
-    return recorded if recorded.get("images_sha256") == _images_hash(images_dir, names) else None
+    return recorded if recorded.get("images_sha256") == images_hash(images_dir, names) else None
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """Compact JSON, written to a temporary file then renamed (a killed run never leaves half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, separators=(",", ":")))
     os.replace(tmp, path)
@@ -348,8 +347,8 @@ def generate(out_dir: str | Path, split: str, num_images: int, seed: int, canvas
                                         "category_id": label + 1, "bbox": list(box), "area": box[2] * box[3],
                                         "iscrowd": 0})
     _remove_stale(images_dir, num_images)
-    _write_json(annotations, coco)
-    _write_json(manifest, {"params": params, "annotations_sha256": _sha256(annotations),
+    write_json(annotations, coco)
+    write_json(manifest, {"params": params, "annotations_sha256": sha256_file(annotations),
                            "images_sha256": digest.hexdigest(), "num_annotations": len(coco["annotations"])})
     return CanvasSplit(images_dir, annotations, num_images, len(coco["annotations"]), skipped=False)
 

@@ -17,8 +17,9 @@ The ``train`` split pastes items of Fashion-MNIST's train set, ``test`` items of
     python -m florence.benchmarks.vqa_canvas --out DIR --train-images 4000 --test-images 400
 
 A canvas (all draws from ``numpy.random.default_rng([seed, split, image index])``, so image ``i`` does not depend on
-how many images are generated): the detection canvases' textured background
-(:func:`florence.benchmarks.detection_canvas.background`); a ``grid`` x ``grid`` grid of cells; ``min_items`` ..
+how many images are generated): a background (``backdrop``: "plain", one dark colour with pixel noise, the default;
+or "texture", the detection canvases' textured backgrounds, :func:`florence.benchmarks.detection_canvas.background`,
+on which the demo's UniCL tower recognises far fewer items); a ``grid`` x ``grid`` grid of cells; ``min_items`` ..
 ``max_items`` items, each in its own random cell: 2-3 classes are drawn per image and each item's class from them (so
 a class often occurs 2-3 times), the item a random one of that class, resized to a square of side s uniform in
 ``scale`` at a uniform position inside its cell, blended in a flat bright colour as in the detection canvases.
@@ -70,9 +71,10 @@ from typing import Mapping, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from florence.benchmarks.detection_canvas import (ALPHA_THRESHOLD, SPLITS, CanvasError, _images_hash, _sha256,
-                                                  _source_files, _write_json, background, composite, item_alpha,
-                                                  resolve_classes, tight_box)
+from florence.benchmarks.detection_canvas import (ALPHA_THRESHOLD, SPLITS, CanvasError, background, composite,
+                                                  images_hash, item_alpha, resolve_classes, source_files, tight_box,
+                                                  write_json)
+from florence.bundle import sha256_file
 from florence.data.errors import DataNotFound
 from florence.data.sources import FASHION_MNIST_DIR, FashionMNISTSource
 from florence.errors import FlorenceError
@@ -198,7 +200,7 @@ BACKGROUNDS = {"texture": background, "plain": plain_background}
 
 def render(rng: np.random.Generator, images: np.ndarray, pools: Sequence[np.ndarray], labels: Sequence[int],
            canvas: int, grid: int, scale: tuple[int, int], items: tuple[int, int],
-           backdrop: str = "texture") -> tuple[np.ndarray, list[Item]]:
+           backdrop: str = "plain") -> tuple[np.ndarray, list[Item]]:
     """One canvas (canvas, canvas, 3) uint8 and its items; see the module docstring.
 
     ``images`` (N, 28, 28) uint8 is the Fashion-MNIST split, ``pools[c]`` the indices of its items of class ``c``,
@@ -477,7 +479,7 @@ def _check(split: str, num_images: int, canvas: int, grid: int, scale: tuple[int
 def _params(split: str, num_images: int, seed: int, canvas: int, grid: int, scale: tuple[int, int],
             items: tuple[int, int], questions_per_image: int, mix: dict, rates: dict, classes: list[int],
             root: Path, backdrop: str) -> dict:
-    files = _source_files(root, split)
+    files = source_files(root, split)
     for f in files:
         if not f.is_file():
             raise DataNotFound(f"Fashion-MNIST file not found: {f} (install the Debian package "
@@ -487,7 +489,7 @@ def _params(split: str, num_images: int, seed: int, canvas: int, grid: int, scal
             "questions_per_image": questions_per_image, "mix": mix, "annotators": rates, "classes": classes,
             "other_mix": OTHER_MIX, "number_weights": list(NUMBER_WEIGHTS), "largest_ratio": LARGEST_RATIO,
             "min_agreeing": MIN_AGREEING, "alpha_threshold": ALPHA_THRESHOLD,
-            "source_sha256": {f.name: _sha256(f) for f in files}}
+            "source_sha256": {f.name: sha256_file(f) for f in files}}
 
 
 def _up_to_date(paths: dict[str, Path], params: dict) -> dict | None:
@@ -501,17 +503,17 @@ def _up_to_date(paths: dict[str, Path], params: dict) -> dict | None:
         return None
     if recorded.get("params") != params:
         return None
-    if any(recorded.get(f"{k}_sha256") != _sha256(paths[k]) for k in ("questions", "annotations", "layout")):
+    if any(recorded.get(f"{k}_sha256") != sha256_file(paths[k]) for k in ("questions", "annotations", "layout")):
         return None
     names = [image_name(params["split"], i) for i in range(1, params["num_images"] + 1)]
-    return recorded if recorded.get("images_sha256") == _images_hash(paths["images"], names) else None
+    return recorded if recorded.get("images_sha256") == images_hash(paths["images"], names) else None
 
 
 def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, canvas: int = 96, grid: int = 3,
              scale: tuple[int, int] = (16, 32), min_items: int = 2, max_items: int = 5, questions_per_image: int = 5,
              mix: Mapping[str, float] | None = None, annotators: Mapping[str, float] | None = None,
              classes: Sequence[str | int] | None = None, root: str | Path | None = None,
-             backdrop: str = "texture") -> VQACanvasSplit:
+             backdrop: str = "plain") -> VQACanvasSplit:
     """Write (or find up to date) one split of the Fashion-MNIST VQA dataset; see the module docstring.
 
     Args:
@@ -528,7 +530,8 @@ def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, can
             ``DEFAULT_ANNOTATORS``).
         classes: paste and ask about only these classes (names or ids 1..10).
         root: Fashion-MNIST folder (default the Debian package's).
-        backdrop: "texture" (the detection canvases' textured backgrounds) or "plain" (one dark colour + noise).
+        backdrop: "plain" (one dark colour + noise) or "texture" (the detection canvases' textured backgrounds, on
+            which the demo tower's frozen features recognise far fewer items).
     """
     mix = {t: float(w) for t, w in (mix if mix is not None else DEFAULT_MIX).items()}
     rates = {k: float(v) for k, v in {**DEFAULT_ANNOTATORS, **(annotators or {})}.items()}
@@ -585,10 +588,10 @@ def generate(out_dir: str | Path, split: str, num_images: int, seed: int, *, can
         layout["images"].append(entry)
     _remove_stale(paths["images"], split, num_images)
     for key, data in (("questions", questions), ("annotations", annotations), ("layout", layout)):
-        _write_json(paths[key], data)
+        write_json(paths[key], data)
     num_questions = len(questions["questions"])
-    hashes = {f"{k}_sha256": _sha256(paths[k]) for k in ("questions", "annotations", "layout")}
-    _write_json(paths["manifest"], {"params": params, "num_questions": num_questions, **hashes,
+    hashes = {f"{k}_sha256": sha256_file(paths[k]) for k in ("questions", "annotations", "layout")}
+    write_json(paths["manifest"], {"params": params, "num_questions": num_questions, **hashes,
                                     "images_sha256": digest.hexdigest()})
     return VQACanvasSplit(paths["images"], paths["questions"], paths["annotations"], paths["layout"], num_images,
                           num_questions, skipped=False)
@@ -618,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"), help="items per image")
     p.add_argument("--classes", default=None, help="comma-separated class names or ids 1..10 (default all)")
     p.add_argument("--root", type=Path, default=Path(FASHION_MNIST_DIR), help="Fashion-MNIST idx folder")
-    p.add_argument("--background", choices=sorted(BACKGROUNDS), default="texture",
+    p.add_argument("--background", choices=sorted(BACKGROUNDS), default="plain",
                    help="texture: the detection canvases' backgrounds; plain: one dark colour + noise")
     return p
 

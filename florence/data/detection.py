@@ -26,7 +26,7 @@ is counted by reason (:meth:`CocoDetection.summary`, with the first few files an
 An image that cannot be read at load time (missing, corrupt, or of another size than the JSON says) is a
 :class:`~florence.data.images.BadSample` handled by the bad-sample policy (:mod:`florence.data.bad_samples`): training
 replaces it by the next image (counted and logged to ``<run_dir>/bad_samples.jsonl``), evaluation leaves it out
-(:meth:`DetectionEvalLoader.report`). A JSON that cannot be read, or an entry without a required key, is a one-line
+(the evaluation loader's ``report()``). A JSON that cannot be read, or an entry without a required key, is a one-line
 :class:`~florence.data.errors.DataFileError` naming the file, the entry and the key.
 
 **Training stream** (``build_detection_train_loader``; the ``data:`` section of a detection run)::
@@ -72,22 +72,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from florence.data.bad_samples import BadSampleError, BadSampleLog, reason_kind
+from florence.data.bad_samples import BadSampleError, BadSampleLog
 from florence.data.detection_transforms import DetectionTransform, pad_images
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
+from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample, decode_image
+from florence.data.json_columns import Strings, column, duplicate_id, int_column, lookup, object_list
 from florence.data.loader import TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _is_int, _number, _optional, _path
@@ -96,7 +97,6 @@ logger = logging.getLogger("florence.data")
 
 DEFAULT_SCALE = (1333, 800)
 MAX_EXAMPLES = 20  # listed examples per reason (all are counted)
-MAX_LISTED = 1000  # skipped images listed in an eval report
 AGNOSTIC_NAME, AGNOSTIC_ID = "object", 1  # the single class of class_agnostic=True
 
 
@@ -138,22 +138,6 @@ class DetectionSummary:
                 f"{self.crowd_boxes} crowd boxes" + (f" [{notes}]" if notes else ""))
 
 
-class _Strings:
-    """Many strings in one byte buffer (no per-string Python objects: forked DataLoader workers share the pages)."""
-
-    def __init__(self, strings: Sequence[str]):
-        encoded = [s.encode("utf-8") for s in strings]
-        self.ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)  # N
-        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __getitem__(self, i: int) -> str:
-        start = int(self.ends[i - 1]) if i > 0 else 0
-        return self.blob[start:int(self.ends[i])].tobytes().decode("utf-8")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
@@ -173,41 +157,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _entries(data: dict, key: str, file: Path, required: bool = True) -> list[dict]:
-    if key not in data:
-        if required:
-            raise DataFileError(f"{file}: missing key {key!r}")
-        return []
-    entries = data[key]
-    if not isinstance(entries, list):
-        raise DataFileError(f"{file}: {key}: expected a list, got {type(entries).__name__}")
-    bad = next((i for i, e in enumerate(entries) if not isinstance(e, dict)), None)
-    if bad is not None:
-        raise DataFileError(f"{file}: {key}[{bad}]: expected an object, got {entries[bad]!r}")
-    return entries
-
-
-def _column(entries: list[dict], key: str, file: Path, where: str) -> list:
-    try:
-        return [e[key] for e in entries]
-    except KeyError:
-        i = next(i for i, e in enumerate(entries) if key not in e)
-        raise DataFileError(f"{file}: {where}[{i}]: missing key {key!r}") from None
-
-
-def _int_column(entries: list[dict], key: str, file: Path, where: str, minimum: int | None = None) -> np.ndarray:
-    """An integer column (integral floats accepted: some exports write ``480.0``)."""
-    values = _column(entries, key, file, where)
-    for i, v in enumerate(values):
-        if not (_is_int(v) or (isinstance(v, float) and v.is_integer())) or (minimum is not None and v < minimum):
-            need = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-            raise DataFileError(f"{file}: {where}[{i}].{key}: expected {need}, got {v!r}")
-    return np.asarray(values, dtype=np.int64).reshape(-1)
-
-
 def _boxes_column(entries: list[dict], file: Path) -> np.ndarray:
     """``bbox`` of every annotation -> (n, 4) float64 [x, y, w, h]; NaN / inf pass (they are degenerate boxes)."""
-    values = _column(entries, "bbox", file, "annotations")
+    values = column(entries, "bbox", file, "annotations")
     try:
         boxes = np.asarray(values, dtype=np.float64)
         if boxes.shape != (len(values), 4) and not (len(values) == 0 and boxes.size == 0):
@@ -236,19 +188,6 @@ def _image_names(entries: list[dict], file: Path) -> list[str]:
             raise DataFileError(f"{file}: images[{i}].file_name: expected a file name, got {name!r}")
         names.append(name)
     return names
-
-
-def _duplicate(sorted_ids: np.ndarray) -> int | None:
-    same = np.nonzero(sorted_ids[1:] == sorted_ids[:-1])[0]
-    return int(sorted_ids[same[0]]) if len(same) else None
-
-
-def _lookup(sorted_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Position of each value in ``sorted_ids`` and whether it is there."""
-    pos = np.searchsorted(sorted_ids, values)  # n
-    safe = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-    found = (pos < len(sorted_ids)) & (sorted_ids[safe] == values) if len(sorted_ids) else np.zeros(len(values), bool)
-    return safe, found
 
 
 class CocoDetection:
@@ -290,7 +229,7 @@ class CocoDetection:
         new_index[keep] = np.arange(len(keep))
         self.image_ids = image_ids[keep]  # N
         self.sizes = sizes[keep]  # N, 2
-        self._files = _Strings([names[i] for i in keep])
+        self._files = Strings([names[i] for i in keep])
         self._boxes, self._labels, self._ptr = _group(boxes[~crowd], labels[~crowd], new_index[img_of[~crowd]],
                                                       len(keep))
         self._crowd_boxes, self._crowd_labels, self._crowd_ptr = _group(boxes[crowd], labels[crowd],
@@ -303,12 +242,12 @@ class CocoDetection:
 
     def _parse_categories(self, data: dict, class_subset: Sequence[str | int] | None) -> None:
         file = self.annotations_file
-        cats = _entries(data, "categories", file)
-        ids = _int_column(cats, "id", file, "categories")
-        names = _column(cats, "name", file, "categories")
+        cats = object_list(data, "categories", file)
+        ids = int_column(cats, "id", file, "categories")
+        names = column(cats, "name", file, "categories")
         order = np.argsort(ids, kind="stable")
         ids, names = ids[order], [str(names[i]) for i in order]
-        dup = _duplicate(ids)
+        dup = duplicate_id(ids)
         if dup is not None:
             raise DataFileError(f"{file}: categories: id {dup} appears twice")
         self._all_cat_ids = ids  # every category of the file, sorted
@@ -334,14 +273,14 @@ class CocoDetection:
 
     def _parse_images(self, data: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
         file = self.annotations_file
-        entries = _entries(data, "images", file)
-        ids = _int_column(entries, "id", file, "images")
+        entries = object_list(data, "images", file)
+        ids = int_column(entries, "id", file, "images")
         names = _image_names(entries, file)
-        sizes = np.stack([_int_column(entries, "height", file, "images", 1),
-                          _int_column(entries, "width", file, "images", 1)], axis=1).reshape(-1, 2)  # n, 2
+        sizes = np.stack([int_column(entries, "height", file, "images", 1),
+                          int_column(entries, "width", file, "images", 1)], axis=1).reshape(-1, 2)  # n, 2
         order = np.argsort(ids, kind="stable")
         ids, sizes, names = ids[order], sizes[order], [names[i] for i in order]
-        dup = _duplicate(ids)
+        dup = duplicate_id(ids)
         if dup is not None:
             raise DataFileError(f"{file}: images: id {dup} appears twice")
         return ids, names, sizes
@@ -350,10 +289,10 @@ class CocoDetection:
                            sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Clean boxes: ``(boxes (m, 4) float32 xyxy, labels (m,), crowd (m,) bool, image position (m,))``."""
         file = self.annotations_file
-        anns = _entries(data, "annotations", file, required=False)
-        img, img_found = _lookup(image_ids, _int_column(anns, "image_id", file, "annotations"))  # n
-        cat_ids = _int_column(anns, "category_id", file, "annotations")  # n
-        cat, cat_found = _lookup(self._all_cat_ids, cat_ids)
+        anns = object_list(data, "annotations", file, required=False)
+        img, img_found = lookup(image_ids, int_column(anns, "image_id", file, "annotations"))  # n
+        cat_ids = int_column(anns, "category_id", file, "annotations")  # n
+        cat, cat_found = lookup(self._all_cat_ids, cat_ids)
         xywh = _boxes_column(anns, file)  # n, 4
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)  # n
         ignored = np.array([bool(a.get("ignore", False)) for a in anns], dtype=bool)  # n
@@ -384,7 +323,7 @@ class CocoDetection:
                                 xyxy[:, 2].clip(0, width), xyxy[:, 3].clip(0, height)], axis=1)  # n, 4
             note((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]), "box outside the image")
             note((clipped != xyxy).any(axis=1), "box clipped to the image", drop=False)
-        label, in_subset = _lookup(self._cat_ids, cat_ids)
+        label, in_subset = lookup(self._cat_ids, cat_ids)
         note(~in_subset, "box of a class outside class_subset")
         note(crowd, "crowd box set apart", drop=False)
         if self.class_agnostic:
@@ -692,60 +631,13 @@ class _EvalImages(Dataset):
             return err
 
 
-def _collate_eval(items: list, size_divisor: int) -> tuple[dict[str, torch.Tensor] | None, list[BadSample]]:
-    good = [item for item in items if not isinstance(item, BadSample)]
-    bad = [item for item in items if isinstance(item, BadSample)]
-    return (collate_detection(good, size_divisor=size_divisor, eval=True) if good else None), bad
-
-
-class DetectionEvalLoader:
-    """Evaluation batches (module docstring) over a :class:`CocoDetection` in image order, unreadable images left
-    out: counted, logged and listed by :meth:`report` (``on_bad_sample="skip"``), or a
-    :class:`~florence.data.bad_samples.BadSampleError` (``"raise"``). Iterating again starts the counts afresh."""
-
-    def __init__(self, coco: CocoDetection, transform: DetectionTransform, *, size_divisor: int = 128,
-                 batch_size: int = 1, num_workers: int = 0, on_bad_sample: str = "skip"):
-        self.coco = coco
-        self.transform = transform
-        self.size_divisor = int(size_divisor)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.policy = BadSampleLog(on_bad_sample)
-        self.skipped: list[dict[str, str]] = []
-        self.num_good = 0
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.coco) / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.skipped, self.num_good = [], 0
-        loader = DataLoader(_EvalImages(self.coco, self.transform), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers,
-                            collate_fn=functools.partial(_collate_eval, size_divisor=self.size_divisor))
-        for batch, bad in loader:
-            for err in bad:
-                self.policy.handle(err, source=self.coco.name)
-                self.skipped.append({"file": err.file, "reason": err.reason})
-            if batch is not None:
-                self.num_good += len(batch["images"])
-                yield batch
-        if self.num_good == 0 and self.skipped:
-            first = self.skipped[0]
-            raise BadSampleError(f"{self.coco.name}: all {len(self.skipped)} images are unreadable (first: "
-                                 f"{first['file']}: {first['reason']})")
-
-    def report(self) -> dict[str, Any]:
-        """The last pass, as :meth:`florence.data.eval_loader.EvalLoader.report`: ``policy``, ``skipped``,
-        ``evaluated``, ``by_reason`` and ``samples`` (file and reason of the first ``MAX_LISTED``)."""
-        return {"policy": self.policy.policy, "skipped": len(self.skipped), "evaluated": self.num_good,
-                "by_reason": dict(Counter(reason_kind(s["reason"]) for s in self.skipped)),
-                "samples": self.skipped[:MAX_LISTED]}
-
-
 def detection_eval_loader(dataset: CocoDetection, preprocess: dict[str, Any], scale: Sequence[int] = DEFAULT_SCALE,
                           size_divisor: int = 128, batch_size: int = 1, flip: bool = False, *, num_workers: int = 0,
-                          on_bad_sample: str = "skip") -> DetectionEvalLoader:
-    """Deterministic evaluation batches of ``dataset`` at one test ``scale`` (every image flipped with ``flip``)."""
+                          on_bad_sample: str = "skip") -> BatchEvalLoader:
+    """Deterministic evaluation batches (module docstring) of ``dataset`` in image order at one test ``scale`` (every
+    image flipped with ``flip``); unreadable images are left out, counted and listed by ``report()``
+    (:class:`~florence.data.eval_loader.BatchEvalLoader`)."""
     transform = DetectionTransform(preprocess, scale=scale, flip=1.0 if flip else 0.0)
-    return DetectionEvalLoader(dataset, transform, size_divisor=size_divisor, batch_size=batch_size,
-                               num_workers=num_workers, on_bad_sample=on_bad_sample)
+    collate = functools.partial(collate_detection, size_divisor=int(size_divisor), eval=True)
+    return BatchEvalLoader(_EvalImages(dataset, transform), collate, batch_size=batch_size, num_workers=num_workers,
+                           on_bad_sample=on_bad_sample, name=dataset.name)

@@ -17,6 +17,8 @@ policy is applied in the main process, so counts are exact with any number of wo
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections import Counter
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -67,31 +69,30 @@ class _Guarded(Dataset):
             return BadSample(sample_name(self.dataset, index), f"unreadable image ({type(err).__name__}: {err})")
 
 
-def _collate(items: list) -> tuple[Any, Any, list[BadSample]]:
-    """``[(image, target) | BadSample] * B`` -> ``(images (G, C, H, W) or None, targets (G, ...) or None, bad)``."""
+def split_bad(items: list, collate: Callable[[list], Any]) -> tuple[Any, list[BadSample]]:
+    """``[sample | BadSample] * B`` -> ``(collate(good samples) or None, bad samples)``."""
     good = [item for item in items if not isinstance(item, BadSample)]
     bad = [item for item in items if isinstance(item, BadSample)]
-    if not good:
-        return None, None, bad
-    images, targets = default_collate(good)
-    return images, targets, bad
+    return (collate(good) if good else None), bad
 
 
-class EvalLoader:
-    """Iterable of ``(images (B, C, H, W), targets (B,) or (B, C))`` over ``dataset`` in order, without its bad
-    samples (see the module docstring). Iterating again starts the counts afresh.
+class BatchEvalLoader:
+    """Iterable of collated batches of ``dataset`` in order, without its bad samples (see the module docstring).
+    Iterating again starts the counts afresh.
 
     Args:
-        dataset: ``dataset[i] -> (image tensor, target)``.
+        dataset: ``dataset[i] -> sample``, or the :class:`BadSample` saying why sample ``i`` is unusable.
+        collate: a list of good samples -> a batch.
         batch_size: samples per DataLoader batch (a batch shrinks by its bad samples).
         num_workers: DataLoader worker processes.
         on_bad_sample: ``"skip"`` or ``"raise"``.
         name: the split's name in messages (``"imagefolder test"``).
     """
 
-    def __init__(self, dataset: Dataset, *, batch_size: int = 128, num_workers: int = 0,
-                 on_bad_sample: str = "skip", name: str = "eval"):
+    def __init__(self, dataset: Dataset, collate: Callable[[list], Any], *, batch_size: int = 128,
+                 num_workers: int = 0, on_bad_sample: str = "skip", name: str = "eval"):
         self.dataset = dataset
+        self.collate = collate
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.policy = BadSampleLog(on_bad_sample)  # raises under "raise"; ValueError for an unknown policy
@@ -99,17 +100,25 @@ class EvalLoader:
         self.skipped: list[dict[str, str]] = []
         self.num_good = 0
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    @staticmethod
+    def batch_length(batch: Any) -> int:
+        """Samples in a collated batch (its ``images`` entry)."""
+        return len(batch["images"])
+
+    def __iter__(self) -> Iterator[Any]:
         self.skipped, self.num_good = [], 0
-        loader = DataLoader(_Guarded(self.dataset), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_collate)
-        for images, targets, bad in loader:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            collate_fn=functools.partial(split_bad, collate=self.collate))
+        for batch, bad in loader:
             for err in bad:
                 self.policy.handle(err, source=self.name)
                 self.skipped.append({"file": err.file, "reason": err.reason})
-            if images is not None:
-                self.num_good += len(images)
-                yield images, targets
+            if batch is not None:
+                self.num_good += self.batch_length(batch)
+                yield batch
         if self.num_good == 0 and self.skipped:
             first = self.skipped[0]
             raise BadSampleError(f"{self.name}: all {len(self.skipped)} samples are bad (first: {first['file']}: "
@@ -125,6 +134,25 @@ class EvalLoader:
             "by_reason": dict(Counter(reason_kind(s["reason"]) for s in self.skipped)),
             "samples": self.skipped[:MAX_LISTED],
         }
+
+
+class EvalLoader(BatchEvalLoader):
+    """Iterable of ``(images (B, C, H, W), targets (B,) or (B, C))`` over ``dataset`` in order, without its bad
+    samples (see the module docstring). Iterating again starts the counts afresh.
+
+    Args:
+        dataset: ``dataset[i] -> (image tensor, target)``; Pillow errors inside it become bad samples.
+        batch_size, num_workers, on_bad_sample, name: as :class:`BatchEvalLoader`.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int = 128, num_workers: int = 0,
+                 on_bad_sample: str = "skip", name: str = "eval"):
+        super().__init__(_Guarded(dataset), default_collate, batch_size=batch_size, num_workers=num_workers,
+                         on_bad_sample=on_bad_sample, name=name)
+
+    @staticmethod
+    def batch_length(batch: Any) -> int:
+        return len(batch[0])
 
 
 def format_bad_report(report: dict[str, Any], limit: int = 5) -> str:

@@ -85,7 +85,6 @@ import csv
 import functools
 import json
 import logging
-import math
 import string
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -96,13 +95,14 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from florence.data.bad_samples import BadSampleError, BadSampleLog, reason_kind
-from florence.data.detection import _duplicate, _entries, _int_column, _Strings
+from florence.data.bad_samples import BadSampleError, BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
+from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample, decode_image, to_rgb
+from florence.data.json_columns import Strings, duplicate_id, int_column, object_list
 from florence.data.loader import TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _optional, _path, _text
@@ -115,7 +115,6 @@ TABLE_SUFFIXES = (".csv", ".tsv")
 ANSWER_SEPARATOR = "|"  # between the answers of a CSV row
 PARTS = ("all", "train", "holdout")
 MAX_EXAMPLES = 20  # listed examples per reason (all are counted)
-MAX_LISTED = 1000  # skipped questions listed in an eval report
 _JOIN = "\x1f"  # joins a question's answers in memory (unit separator: not in answer text)
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -316,9 +315,9 @@ class VQADataset:
     def _read_questions(self) -> _Table:
         file = self.questions_json
         data = _read_json(file, "questions")
-        entries = _entries(data, "questions", file)
-        qids = _int_column(entries, "question_id", file, "questions")
-        image_ids = _int_column(entries, "image_id", file, "questions")
+        entries = object_list(data, "questions", file)
+        qids = int_column(entries, "question_id", file, "questions")
+        image_ids = int_column(entries, "image_id", file, "questions")
         texts = _text_column(entries, "question", file, "questions")
         subtype = data.get("data_subtype")
         if subtype is not None and not isinstance(subtype, str):
@@ -363,9 +362,9 @@ class VQADataset:
     def _join_annotations(self, table: _Table) -> None:
         """Fill the table's answers from the annotations file, counting the mismatches."""
         file = self.annotations_json
-        anns = _entries(_read_json(file, "annotations"), "annotations", file)
-        ann_qids = _int_column(anns, "question_id", file, "annotations")
-        dup = _duplicate(np.sort(ann_qids))
+        anns = object_list(_read_json(file, "annotations"), "annotations", file)
+        ann_qids = int_column(anns, "question_id", file, "annotations")
+        dup = duplicate_id(np.sort(ann_qids))
         if dup is not None:
             raise DataFileError(f"{file}: annotations: question id {dup} appears twice")
         for i, ann in enumerate(anns):
@@ -409,7 +408,7 @@ class VQADataset:
     def _select(self, table: _Table, holdout_seed: int, max_questions: int | None) -> np.ndarray:
         """Rows of the kept questions (file order); finds each image's file (``.jpg``, else the ``.png``)."""
         qids = table.question_ids
-        dup = _duplicate(np.sort(qids))
+        dup = duplicate_id(np.sort(qids))
         if dup is not None:
             raise DataFileError(f"{self.questions_json}: question id {dup} appears twice")
         if (table.image_files is None and table.data_subtype is None
@@ -452,16 +451,16 @@ class VQADataset:
         """Keep the selected rows in compact columns (no per-question Python objects: forked workers share pages)."""
         self.question_ids = table.question_ids[rows]  # N
         self.image_ids = table.image_ids[rows]  # N
-        self._texts = _Strings([table.texts[r] for r in rows])
-        self._answers = _Strings([_JOIN.join(table.answers[r] or []) for r in rows])
+        self._texts = Strings([table.texts[r] for r in rows])
+        self._answers = Strings([_JOIN.join(table.answers[r] or []) for r in rows])
         self._annotated = np.array([table.answers[r] is not None for r in rows], dtype=bool)  # N
-        self._mcas = _Strings([table.mcas[r] or "" for r in rows])
+        self._mcas = Strings([table.mcas[r] or "" for r in rows])
         kinds = sorted({t for r in rows for t in (table.answer_types[r], table.question_types[r]) if t is not None})
         code = {t: i for i, t in enumerate(kinds)}
         self._kinds = kinds
         self._types = np.array([[code.get(table.answer_types[r], -1), code.get(table.question_types[r], -1)]
                                 for r in rows], dtype=np.int32).reshape(-1, 2)  # N, 2 (answer, question type)
-        self._image_names = _Strings([self._files[int(i)] for i in self.image_ids])
+        self._image_names = Strings([self._files[int(i)] for i in self.image_ids])
 
     # -- access -------------------------------------------------------------------------------------------------
 
@@ -790,59 +789,11 @@ class _EvalQuestions(Dataset):
                 "question_id": int(self.dataset.question_ids[i])}
 
 
-def _collate_eval(items: list, tokenize: Tokenize) -> tuple[dict[str, torch.Tensor] | None, list[BadSample]]:
-    good = [item for item in items if not isinstance(item, BadSample)]
-    bad = [item for item in items if isinstance(item, BadSample)]
-    return (collate_vqa(good, tokenize) if good else None), bad
-
-
-class VQAEvalLoader:
-    """Evaluation batches ``{"images", "input_ids", "attention_mask", "question_ids"}`` of a :class:`VQADataset`
-    in question order; questions whose image is unreadable are left out: counted, logged and listed by
-    :meth:`report` (``on_bad_sample="skip"``), or a :class:`BadSampleError` (``"raise"``). Iterating again starts
-    the counts afresh."""
-
-    def __init__(self, dataset: VQADataset, transform: VQATransform, tokenize: Tokenize, *, batch_size: int = 64,
-                 num_workers: int = 0, on_bad_sample: str = "skip"):
-        self.dataset = dataset
-        self.transform = transform
-        self.tokenize = tokenize
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
-        self.policy = BadSampleLog(on_bad_sample)
-        self.skipped: list[dict[str, str]] = []
-        self.num_good = 0
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.skipped, self.num_good = [], 0
-        loader = DataLoader(_EvalQuestions(self.dataset, self.transform), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers,
-                            collate_fn=functools.partial(_collate_eval, tokenize=self.tokenize))
-        for batch, bad in loader:
-            for err in bad:
-                self.policy.handle(err, source=self.dataset.name)
-                self.skipped.append({"file": err.file, "reason": err.reason})
-            if batch is not None:
-                self.num_good += len(batch["question_ids"])
-                yield batch
-        if self.num_good == 0 and self.skipped:
-            first = self.skipped[0]
-            raise BadSampleError(f"{self.dataset.name}: all {len(self.skipped)} images are unreadable (first: "
-                                 f"{first['file']}: {first['reason']})")
-
-    def report(self) -> dict[str, Any]:
-        """The last pass, as :meth:`florence.data.eval_loader.EvalLoader.report`: ``policy``, ``skipped`` (questions),
-        ``evaluated``, ``by_reason`` and ``samples`` (file and reason of the first ``MAX_LISTED``)."""
-        return {"policy": self.policy.policy, "skipped": len(self.skipped), "evaluated": self.num_good,
-                "by_reason": dict(Counter(reason_kind(s["reason"]) for s in self.skipped)),
-                "samples": self.skipped[:MAX_LISTED]}
-
-
 def vqa_eval_loader(dataset: VQADataset, *, preprocess: dict[str, Any], tokenize: Tokenize, batch_size: int = 64,
-                    num_workers: int = 0, on_bad_sample: str = "skip") -> VQAEvalLoader:
-    """Deterministic evaluation batches of ``dataset`` (images resized whole, as in training)."""
-    return VQAEvalLoader(dataset, vqa_transform(preprocess), tokenize, batch_size=batch_size,
-                         num_workers=num_workers, on_bad_sample=on_bad_sample)
+                    num_workers: int = 0, on_bad_sample: str = "skip") -> BatchEvalLoader:
+    """Deterministic evaluation batches ``{"images", "input_ids", "attention_mask", "question_ids"}`` of ``dataset``
+    in question order (images resized whole, as in training); questions whose image is unreadable are left out,
+    counted and listed by ``report()`` (:class:`~florence.data.eval_loader.BatchEvalLoader`)."""
+    return BatchEvalLoader(_EvalQuestions(dataset, vqa_transform(preprocess)),
+                           functools.partial(collate_vqa, tokenize=tokenize), batch_size=batch_size,
+                           num_workers=num_workers, on_bad_sample=on_bad_sample, name=dataset.name)
