@@ -111,7 +111,8 @@ class VQATask(Task):
     # -- model --------------------------------------------------------------------------------------------------
 
     def answer_vocabulary(self) -> list[str]:
-        """``task.answers`` or METER's vocabulary of the training sources (deterministic: every rank builds the same)."""
+        """``task.answers`` or METER's vocabulary of the training sources (deterministic: every rank builds the
+        same)."""
         if self.options.answers is not None:
             return _read_answers(self.options.answers)
         answers = build_answer_vocab(training_datasets(self.cfg.data), min_count=self.options.min_answer_count)

@@ -51,7 +51,7 @@ from florence.adapters import retrieval as rt
 from florence.adapters import zeroshot as zs
 from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set
 from florence.benchmarks import datasets as dsets
-from florence.benchmarks import detection_cli
+from florence.benchmarks import detection_cli, vqa_cli
 from florence.benchmarks import plots
 from florence.data.bad_samples import BadSampleError
 from florence.data.eval_loader import EvalLoader, format_bad_report, map_batches
@@ -597,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["detection"]:  # COCO-format data, its own flags (florence.benchmarks.detection_cli)
         return detection_cli.main(argv[1:])
-    if argv[:1] == ["vqa"]:  # VQAv2-format questions, its own flags
-        from florence.benchmarks import vqa_cli  # the VQA model, data and metric load only for this command
-
+    if argv[:1] == ["vqa"]:  # VQAv2-format questions, its own flags (florence.benchmarks.vqa_cli)
         return vqa_cli.main(argv[1:])
     args = parse_args(argv)
     try:

@@ -92,7 +92,8 @@ def test_vqa_training_writes_a_bundle_with_its_vocabulary_and_official_metrics(t
 def test_vqa_resume_continues_exactly(tmp_path, vqa_data, dual_bundle):
     """Stopped after step 3 (last checkpoint: step 2) and run again: the losses of the uninterrupted run (dropout on,
     so the RNG state and the data position must both come back)."""
-    overrides = ["eval.source=null", "eval.every_steps=null", "eval.best_metric=null", "model.overrides.fusion.dropout=0.1"]
+    overrides = ["eval.source=null", "eval.every_steps=null", "eval.best_metric=null",
+                 "model.overrides.fusion.dropout=0.1"]
     path = _vqa_config(tmp_path, vqa_data, dual_bundle)
     full = train.run(load_config(path, [*overrides, f"output.dir={tmp_path / 'full'}"]))
     cfg = load_config(path, [*overrides, f"output.dir={tmp_path / 'cut'}"])
