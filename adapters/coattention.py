@@ -173,11 +173,15 @@ class CoAttentionFusion(nn.Module):
         image_dim: width of the image tower's last-stage tokens.
         hidden_size, num_heads, intermediate_size, dropout, layer_norm_eps, hidden_act: as ``CoAttentionLayer``.
         num_layers: M_co, layers per stream (0: no co-attention, the projected tokens go straight to the poolers).
+        image_pos_grid: 0 (METER with a Swin tower: the image tokens get no position embedding; the tower's relative
+            position biases are all they know of where they are), or k > 0: a learned k x k table of image position
+            embeddings (trunc-normal 0.02), resized bilinearly to the token grid, added to the projected image tokens
+            (what a ViT tower's absolute position embeddings give METER).
     """
 
     def __init__(self, text_dim: int, image_dim: int, *, hidden_size: int = 768, num_layers: int = 6,
                  num_heads: int = 12, intermediate_size: int = 3072, dropout: float = 0.1,
-                 layer_norm_eps: float = 1e-12, hidden_act: str = "gelu"):
+                 layer_norm_eps: float = 1e-12, hidden_act: str = "gelu", image_pos_grid: int = 0):
         super().__init__()
         self.hidden_size = hidden_size
         self.grad_checkpointing = False
@@ -193,6 +197,19 @@ class CoAttentionFusion(nn.Module):
         self.text_pooler = Pooler(hidden_size)
         self.image_pooler = Pooler(hidden_size)
         self.apply(init_weights)
+        self.image_pos = None
+        if image_pos_grid > 0:
+            self.image_pos = nn.Parameter(torch.zeros(1, hidden_size, image_pos_grid, image_pos_grid))
+            nn.init.trunc_normal_(self.image_pos, std=0.02)
+
+    def add_image_positions(self, y: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, h) image tokens of an (H', W') grid (row-major) + the position table resized to it (if any)."""
+        if self.image_pos is None:
+            return y
+        table = self.image_pos
+        if tuple(table.shape[-2:]) != tuple(grid):
+            table = F.interpolate(table, size=tuple(grid), mode="bilinear", align_corners=False)
+        return y + table.flatten(2).transpose(1, 2).to(y.dtype)  # 1, N, h
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, text_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:

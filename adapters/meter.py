@@ -57,7 +57,7 @@ from florence.registry import register_architecture
 from florence.tokenizer import load_tokenizer, tokenize
 
 FUSION_DEFAULTS = dict(hidden_size=768, num_layers=6, num_heads=12, intermediate_size=3072, dropout=0.1,
-                       layer_norm_eps=1e-12, hidden_act="gelu")
+                       layer_norm_eps=1e-12, hidden_act="gelu", image_pos_grid=0)
 HEAD_NAMES = ("vqa", "itm", "mlm")
 _CONFIG_KEYS = ("name", "image", "text", "fusion", "heads", "answers", "max_text_len", "preprocess")
 _PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
@@ -96,9 +96,10 @@ def _fusion_section(given: dict[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise MeterConfigError(f"meter fusion: unknown keys {unknown} (known: {sorted(FUSION_DEFAULTS)})")
     cfg = {**FUSION_DEFAULTS, **given}
-    if cfg["num_layers"] < 0 or cfg["hidden_size"] % cfg["num_heads"]:
-        raise MeterConfigError(f"meter fusion: num_layers must be >= 0 and hidden_size a multiple of num_heads, got "
-                               f"num_layers={cfg['num_layers']}, hidden_size={cfg['hidden_size']}, "
+    if cfg["num_layers"] < 0 or cfg["image_pos_grid"] < 0 or cfg["hidden_size"] % cfg["num_heads"]:
+        raise MeterConfigError(f"meter fusion: num_layers and image_pos_grid must be >= 0 and hidden_size a multiple "
+                               f"of num_heads, got num_layers={cfg['num_layers']}, image_pos_grid="
+                               f"{cfg['image_pos_grid']}, hidden_size={cfg['hidden_size']}, "
                                f"num_heads={cfg['num_heads']}")
     if cfg["hidden_act"] not in ACT2FN:
         raise MeterConfigError(f"meter fusion.hidden_act: unknown activation {cfg['hidden_act']!r}")
@@ -252,10 +253,10 @@ class MeterModel(BundleMixin, nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # B, L, C_t
-        image, _ = self.image_encoder.forward_tokens(images)  # B, N, C_img
+        image, grid = self.image_encoder.forward_tokens(images)  # B, N, C_img; (H', W')
         types = self.token_type_embeddings.weight  # 2, h
         x = self.fusion.text_proj(text) + types[0]  # B, L, h
-        y = self.fusion.image_proj(image) + types[1]  # B, N, h
+        y = self.fusion.add_image_positions(self.fusion.image_proj(image) + types[1], grid)  # B, N, h
         x, y = self.fusion(x, y, attention_mask)
         return {"text_feats": x, "image_feats": y, "cls_feats": self.fusion.pool(x, y)}
 

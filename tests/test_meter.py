@@ -296,6 +296,27 @@ def test_projection_token_types_and_poolers_without_co_attention(dual):
     torch.testing.assert_close(out["vqa_logits"], expected)
 
 
+def test_image_position_table_is_added_per_token_and_resized(dual):
+    """image_pos_grid k: token (i, j) of the image grid gets entry (i, j) of the k x k table; another grid size gets
+    the table resized bilinearly (F.interpolate, align_corners=False); k = 0 adds nothing."""
+    model = _meter(dual[0], fusion={"num_layers": 0, "image_pos_grid": 2}).eval()
+    f = model.fusion
+    y = torch.randn(1, 4, f.hidden_size)
+    torch.testing.assert_close(f.add_image_positions(y, (2, 2))[0, 3], y[0, 3] + f.image_pos[0, :, 1, 1])
+    resized = F.interpolate(f.image_pos, size=(3, 1), mode="bilinear", align_corners=False)  # 1, h, 3, 1
+    y3 = torch.zeros(1, 3, f.hidden_size)
+    torch.testing.assert_close(f.add_image_positions(y3, (3, 1))[0, 1], resized[0, :, 1, 0])
+    plain = _meter(dual[0], fusion={"num_layers": 0})
+    assert plain.fusion.image_pos is None and torch.equal(plain.fusion.add_image_positions(y, (2, 2)), y)
+    images, batch = _inputs(model, 2)
+    with torch.no_grad():  # the table reaches the image pooler's mean
+        before = model(images, **batch)["cls_feats"]
+        f.image_pos.add_(1.0)
+        after = model(images, **batch)["cls_feats"]
+    assert torch.equal(before[:, :f.hidden_size], after[:, :f.hidden_size])  # text half unchanged without layers
+    assert not torch.allclose(before[:, f.hidden_size:], after[:, f.hidden_size:])
+
+
 def test_mlm_decoder_is_the_text_embedding_matrix(dual):
     model = _meter(dual[0], heads=["mlm"]).eval()
     images, batch = _inputs(model, 2)
