@@ -22,6 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from florence.benchmarks import vqa_canvas, vqa_cli, vqa_predict
+from florence.data.vqa import VQADataset
 from florence.engine import train
 
 
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
         figures[title] = json.loads((results / f"vqa_fashion_mnist_{name}.json").read_text())["metrics"]
 
-    step("one question answered (`florence vqa`)")
-    image = sorted((data / "test").glob("*.png"))[0]
-    if code := vqa_predict.main(["--model", str(workdir / "finetune_meter" / "final"), str(image),
-                                 "what is in the top left corner?"]):
+    step("the first test question answered (`florence vqa`)")
+    first = VQADataset(data / "v2_OpenEnded_fmnist_test_questions.json", None, data / "test", max_questions=1)
+    if code := vqa_predict.main(["--model", str(workdir / "finetune_meter" / "final"), str(first.image_path(0)),
+                                 first.question(0)]):
         return code
 
     print(f"\n== VQA demo finished in {time.perf_counter() - start:.0f}s")
