@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -116,11 +117,10 @@ def _check_heads(heads: Sequence[str], answers: Sequence[str] | None) -> tuple[l
     if answers is not None:
         if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
             raise MeterConfigError("meter answers: expected a list of answer strings")
-        seen: set[str] = set()
-        for a in answers:
-            if a in seen:
-                raise MeterConfigError(f"meter answers: {a!r} occurs twice in the answer vocabulary")
-            seen.add(a)
+        counts = Counter(answers)
+        twice = next((a for a in answers if counts[a] > 1), None)
+        if twice is not None:
+            raise MeterConfigError(f"meter answers: {twice!r} occurs twice in the answer vocabulary")
     if "vqa" in heads and not answers:
         raise MeterConfigError("meter heads: the 'vqa' head needs answers=[...] (the answer vocabulary), or choose "
                                "heads without it, e.g. ['itm', 'mlm']")

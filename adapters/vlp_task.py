@@ -116,9 +116,6 @@ class VLPTask(Task):
                               "evaluate there")
         self.validate_data()
 
-    def has_evaluation(self) -> bool:
-        return False
-
     # -- model --------------------------------------------------------------------------------------------------
 
     def build_model(self, env: DistEnv, run_dir: Path) -> nn.Module:

@@ -92,6 +92,10 @@ class VQATask(Task):
     Options = VQAOptions
     supports_grad_cache = True  # logits are per question; the loss is a mean over elements
 
+    def __init__(self, cfg, options: VQAOptions) -> None:
+        super().__init__(cfg, options)
+        self.datasets = None  # the training sources' datasets, read once: for the vocabulary, then for the loader
+
     def validate(self) -> None:
         m = self.cfg.model
         if m.config is not None or m.tokenizer or m.train_tokenizer_vocab or m.context_length:
@@ -115,7 +119,8 @@ class VQATask(Task):
         same)."""
         if self.options.answers is not None:
             return _read_answers(self.options.answers)
-        answers = build_answer_vocab(training_datasets(self.cfg.data), min_count=self.options.min_answer_count)
+        self.datasets = training_datasets(self.cfg.data)
+        answers = build_answer_vocab(self.datasets, min_count=self.options.min_answer_count)
         if not answers:
             raise ConfigError(f"task.min_answer_count={self.options.min_answer_count}: no answer occurs that often in "
                               "the training sources")
@@ -144,7 +149,7 @@ class VQATask(Task):
         data_cfg = {"seed": self.cfg.seed, **self.cfg.data, "batch_size": micro_batch}
         loader = build_vqa_train_loader(data_cfg, preprocess=model.preprocess, tokenize=model.tokenize,
                                         answers=model.answers, rank=env.rank, world_size=env.world_size,
-                                        run_dir=run_dir)
+                                        run_dir=run_dir, datasets=self.datasets)
         if env.is_main:  # questions cut by the text length lose words: said once, with the longest
             texts = [s.dataset.question(i) for s in loader.sources for i in s.rows]
             cut = long_questions(texts, model.tokenizer, model.max_text_len)

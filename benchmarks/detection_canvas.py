@@ -162,6 +162,12 @@ def _cover(inner: tuple[int, int, int, int], outer: tuple[int, int, int, int]) -
     return ix * iy / (inner[2] * inner[3])
 
 
+def item_colour(rng: np.random.Generator) -> np.ndarray:
+    """A flat bright item colour (3,) float32: hue uniform, saturation up to 0.6, value 0.75..1."""
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(0, 0.6), rng.uniform(0.75, 1.0)
+    return np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32)
+
+
 def paste(out: np.ndarray, weights: list[np.ndarray], a: np.ndarray, x: int, y: int, colour: np.ndarray) -> None:
     """Blend one item on top of ``out`` (H, W, 3) in place and update the items' weights.
 
@@ -212,8 +218,7 @@ def render(rng: np.random.Generator, images: np.ndarray, pool: np.ndarray, label
                 break
         else:
             continue
-        hue, sat, val = rng.uniform(0, 1), rng.uniform(0, 0.6), rng.uniform(0.75, 1.0)
-        paste(out, weights, a, x, y, np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32))
+        paste(out, weights, a, x, y, item_colour(rng))
         items.append(index)
         boxes.append(box)
     visible = [tight_box(w >= ALPHA_THRESHOLD) for w in weights]

@@ -58,7 +58,6 @@ JSON files and PNGs still hash to the recorded values is left as is.
 from __future__ import annotations
 
 import argparse
-import colorsys
 import hashlib
 import io
 import json
@@ -72,8 +71,8 @@ import numpy as np
 from PIL import Image
 
 from florence.benchmarks.detection_canvas import (ALPHA_THRESHOLD, SPLITS, CanvasError, background, composite,
-                                                  images_hash, item_alpha, resolve_classes, source_files, tight_box,
-                                                  write_json)
+                                                  images_hash, item_alpha, item_colour, resolve_classes,
+                                                  source_files, tight_box, write_json)
 from florence.bundle import sha256_file
 from florence.data.errors import DataNotFound
 from florence.data.sources import FASHION_MNIST_DIR, FashionMNISTSource
@@ -221,7 +220,7 @@ def render(rng: np.random.Generator, images: np.ndarray, pools: Sequence[np.ndar
         placed.append(Item(label, row, col, x, y, side, max(box[2], box[3]), index))
         alphas.append(a)
         corners.append((x, y))
-        colours.append(_colour(rng))
+        colours.append(item_colour(rng))
     out, _ = composite(BACKGROUNDS[backdrop](rng, canvas), alphas, corners, colours)
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8), placed
 
@@ -236,12 +235,6 @@ def _draw_item(rng: np.random.Generator, images: np.ndarray, pool: np.ndarray, s
         if box is not None:
             return index, a, box
     raise CanvasError(f"class {CLASS_ANSWERS[label]!r}: 20 random items had no pixel above the alpha threshold")
-
-
-def _colour(rng: np.random.Generator) -> np.ndarray:
-    """A flat bright item colour as the detection canvases draw it (value 0.75..1, saturation up to 0.6)."""
-    hue, sat, val = rng.uniform(0, 1), rng.uniform(0, 0.6), rng.uniform(0.75, 1.0)
-    return np.asarray(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- questions

@@ -8,7 +8,6 @@ and articles removed, number words as digits). Model paths run a tiny METER mode
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from florence.benchmarks import eval_cli, paper, report, vqa_cli
+import florence
+from florence.adapters.vqa_eval import flat_vqa_metrics, predict_vqa
+from florence.benchmarks import eval_cli, paper, report, vqa_cli, vqa_predict
+from florence.data.vqa import VQADataset
+from florence.tokenizer import train_bpe_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-HAS_METER = find_spec("florence.adapters.meter") is not None
-needs_meter = pytest.mark.skipif(not HAS_METER, reason="florence.adapters.meter (the METER model, piece M) is not "
-                                                        "written yet")
 
 # (question_id, image_id, question, question_type, answer_type, the 10 annotators' answers, our prediction,
 #  its accuracy worked out by hand)
@@ -203,20 +202,15 @@ ANSWERS = ["yes", "no", "2", "3", "sandal", "bag", "ankle boot", "sneaker"]
 
 @pytest.fixture(scope="module")
 def meter_bundle(tmp_path_factory) -> Path:
-    import florence
-    from florence.tokenizer import train_bpe_tokenizer
-
     root = tmp_path_factory.mktemp("meter")
     texts = [q for _, _, q, *_ in CASES] + ["what is left of the sandal?", "a photo of a bag."]
     train_bpe_tokenizer(texts * 3, root / "tok", vocab_size=300, min_frequency=1)
     torch.manual_seed(0)
     dual = florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / "dual")
-    # the bundle loaded here: create_model resolves a backbone *path* to the image tower alone until the factory
-    # learns METER's resolve_backbone hook (see tests/test_meter.py)
     fusion = {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64}
     preprocess = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic",
                   "crop_pct": 1.0}
-    model = florence.create_model("meter_coswin_test", backbone=florence.from_pretrained(dual), answers=ANSWERS,
+    model = florence.create_model("meter_coswin_test", backbone=dual, answers=ANSWERS,
                                   heads=["vqa"], fusion=fusion, preprocess=preprocess, max_text_len=12)
     return model.save_pretrained(root / "model")
 
@@ -234,7 +228,6 @@ def toy_images(tmp_path_factory) -> tuple[Path, Path, Path]:
     return questions, annotations, root / "images"
 
 
-@needs_meter
 def test_eval_with_a_model_writes_results_metrics_and_pictures(meter_bundle, toy_images, tmp_path, capsys):
     questions, annotations, images = toy_images
     out = tmp_path / "out"
@@ -258,7 +251,6 @@ def test_eval_with_a_model_writes_results_metrics_and_pictures(meter_bundle, toy
     assert json.loads((out / "vqa_rescored.json").read_text())["metrics"] == result["metrics"]
 
 
-@needs_meter
 def test_eval_without_annotations_writes_only_the_results_file(meter_bundle, toy_images, tmp_path, capsys):
     questions, _, images = toy_images
     out = tmp_path / "out"
@@ -269,7 +261,6 @@ def test_eval_without_annotations_writes_only_the_results_file(meter_bundle, toy
     assert "EvalAI" in capsys.readouterr().out
 
 
-@needs_meter
 def test_unreadable_and_missing_images_are_left_out_and_reported(meter_bundle, toy_images, tmp_path, capsys):
     questions, annotations, images = toy_images
     broken = tmp_path / "images"
@@ -287,13 +278,7 @@ def test_unreadable_and_missing_images_are_left_out_and_reported(meter_bundle, t
     assert "COCO_toy_val_000000000003.png" in stdout and "missing image file: 3" in stdout
 
 
-@needs_meter
 def test_predict_vqa_top_k_and_florence_vqa_agree(meter_bundle, toy_images, capsys):
-    import florence
-    from florence.adapters.vqa_eval import predict_vqa
-    from florence.benchmarks import vqa_predict
-    from florence.data.vqa import VQADataset
-
     questions, annotations, images = toy_images
     model = florence.from_pretrained(meter_bundle)
     top = predict_vqa(model, VQADataset(questions, annotations, images), batch_size=4, k=3)
@@ -316,8 +301,6 @@ def test_predict_vqa_top_k_and_florence_vqa_agree(meter_bundle, toy_images, caps
 
 
 def test_flat_metrics_for_metrics_jsonl():
-    from florence.adapters.vqa_eval import flat_vqa_metrics
-
     metrics = {"overall": 48, "perAnswerType": {"other": 65.0, "yes/no": 33.33}, "perQuestionType": {"how many": 1.0},
                "num_questions": 6}
     flat = flat_vqa_metrics(metrics)
@@ -326,9 +309,6 @@ def test_flat_metrics_for_metrics_jsonl():
 
 
 def test_florence_vqa_rejects_a_bundle_without_a_vqa_head(tmp_path, capsys):
-    import florence
-    from florence.benchmarks import vqa_predict
-
     torch.manual_seed(0)
     bundle = florence.create_model("coswin_test").save_pretrained(tmp_path / "tower")
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "x.png")

@@ -733,9 +733,11 @@ def training_datasets(config: dict[str, Any]) -> list[VQADataset]:
 
 def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], tokenize: Tokenize,
                            answers: Sequence[str], rank: int = 0, world_size: int = 1,
-                           run_dir: str | Path | None = None) -> VQATrainLoader:
+                           run_dir: str | Path | None = None,
+                           datasets: Sequence[VQADataset] | None = None) -> VQATrainLoader:
     """The training stream of rank ``rank`` of ``world_size`` from a VQA ``data:`` section (module docstring),
-    validated first; ``answers``: the model's vocabulary. A source left without a trainable question is a
+    validated first; ``answers``: the model's vocabulary; ``datasets``: ``training_datasets(config)`` when the caller
+    has read them already (to build the vocabulary). A source left without a trainable question is a
     :class:`DataFileError`."""
     validate_vqa_data(config)
     if "batch_size" not in config:
@@ -744,7 +746,7 @@ def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any]
         raise DataConfigError("answers: the answer vocabulary is empty")
     index = {a: i for i, a in enumerate(answers)}
     sources = []
-    for dataset in training_datasets(config):
+    for dataset in datasets if datasets is not None else training_datasets(config):
         targets = VQATargets(dataset, index)
         if targets.dropped:
             logger.info("%s: %d of %d questions without an in-vocabulary answer dropped from training", dataset.name,
