@@ -80,7 +80,8 @@ SHIFT_MASK_VALUE = -100.0  # Swin masks cross-region pairs with -100, not -inf
 WINDOW_PADS = ("before_shift", "after_shift")
 
 __all__ = [
-    "CoSwin", "window_partition", "window_reverse", "window_order", "relative_position_index", "shift_attention_mask",
+    "CoSwin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
+    "window_order", "relative_position_index", "shift_attention_mask",
 ]
 
 
@@ -240,7 +241,7 @@ class _PermuteTokens(torch.autograd.Function):
         return grad.index_select(1, inverse), None, None
 
 
-def _permute_tokens(x: torch.Tensor, order: torch.Tensor | None, inverse: torch.Tensor | None) -> torch.Tensor:
+def permute_tokens(x: torch.Tensor, order: torch.Tensor | None, inverse: torch.Tensor | None) -> torch.Tensor:
     return x if order is None else _PermuteTokens.apply(x, order, inverse)
 
 
@@ -273,8 +274,9 @@ class WindowAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.window_size = window_size
         self.fused_attn = fused_attn
-        wh, ww = window_size
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        # one row per relative offset: (2Wh-1)(2Ww-1) for 2D windows, (2Wt-1)(2Wh-1)(2Ww-1) for 3D (Video Swin)
+        table_rows = math.prod(2 * w - 1 for w in window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_rows, num_heads))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -353,9 +355,9 @@ class SwinBlock(nn.Module):
         shifted = self.shifted and geo.shifted is not None
         perm = geo.shifted if shifted else geo.regular
         N = geo.window[0] * geo.window[1]
-        windows = _permute_tokens(x.reshape(B, Hp * Wp, C), perm.order, perm.inverse)  # B, nW*N, C (roll+partition)
+        windows = permute_tokens(x.reshape(B, Hp * Wp, C), perm.order, perm.inverse)  # B, nW*N, C (roll+partition)
         windows = self.attn(windows.view(-1, N, C), geo.rel_index, geo.shift_mask if shifted else None)
-        x = _permute_tokens(windows.view(B, Hp * Wp, C), perm.inverse, perm.order).view(B, Hp, Wp, C)
+        x = permute_tokens(windows.view(B, Hp * Wp, C), perm.inverse, perm.order).view(B, Hp, Wp, C)
         if (Hp, Wp) != (H, W):
             x = x[:, :H, :W]
         return x

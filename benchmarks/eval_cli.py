@@ -1,7 +1,9 @@
 """``florence eval TASK --model DIR --dataset NAME ...``: zeroshot, linear-probe, few-shot, retrieval,
 retrieval-finetune, classify (``florence eval TASK --help`` lists each task's own flags); ``florence eval detection``
 (COCO-format detection, its own flags) is ``florence.benchmarks.detection_cli``, ``florence eval vqa`` (VQAv2-format
-questions, the official VQA accuracy, its own flags) ``florence.benchmarks.vqa_cli``.
+questions, the official VQA accuracy, its own flags) ``florence.benchmarks.vqa_cli``, ``florence eval action``
+(multi-view action recognition) ``florence.benchmarks.video_cli`` and ``florence eval video-retrieval`` (zero-shot
+text->video retrieval) ``florence.benchmarks.video_retrieval_cli``.
 
 ``retrieval-finetune`` first continues UniCL training of the model on the training pairs (Karpathy ``--train-splits``
 of the same caption file, or ``--train-captions CSV``) with the engine (``florence.benchmarks.finetune_retrieval``,
@@ -51,7 +53,7 @@ from florence.adapters import retrieval as rt
 from florence.adapters import zeroshot as zs
 from florence.adapters.prompt_templates import DATASET_TEMPLATES, get_template_set
 from florence.benchmarks import datasets as dsets
-from florence.benchmarks import detection_cli, vqa_cli
+from florence.benchmarks import detection_cli, video_cli, video_retrieval_cli, vqa_cli
 from florence.benchmarks import plots
 from florence.data.bad_samples import BadSampleError
 from florence.data.eval_loader import EvalLoader, format_bad_report, map_batches
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     """``florence eval TASK ...``: one sub-command per task, each with its own flags in its ``--help``."""
     p = argparse.ArgumentParser(prog="florence eval", description="Evaluate a model bundle with one protocol; "
                                 "'florence eval TASK --help' lists that task's flags; 'florence eval detection "
-                                "--help' those of COCO detection, 'florence eval vqa --help' those of VQA.")
+                                "--help' those of COCO detection, 'florence eval vqa --help' those of VQA, "
+                                "'florence eval action --help' those of action recognition, 'florence eval "
+                                "video-retrieval --help' those of text-video retrieval.")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK", title="tasks")
     common = _common_parser()
     for task in TASKS:
@@ -599,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         return detection_cli.main(argv[1:])
     if argv[:1] == ["vqa"]:  # VQAv2-format questions, its own flags (florence.benchmarks.vqa_cli)
         return vqa_cli.main(argv[1:])
+    if argv[:1] == ["action"]:  # videos, multi-view testing (florence.benchmarks.video_cli)
+        return video_cli.eval_main(argv[1:])
+    if argv[:1] == ["video-retrieval"]:  # zero-shot text->video retrieval (florence.benchmarks.video_retrieval_cli)
+        return video_retrieval_cli.main(argv[1:])
     args = parse_args(argv)
     try:
         path, result = evaluate(args)

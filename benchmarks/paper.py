@@ -9,6 +9,10 @@
   detection`` results.
 - ``VQA``: Florence Table 8 (VQAv2 test-dev / test-std official VQA accuracy, SPEC §6.4) beside ``florence eval vqa``
   results.
+- ``VIDEO_RETRIEVAL``: Florence Table 9 (MSR-VTT 1K-A zero-shot text->video R@1 / R@5 / R@10, SPEC §8.9) beside
+  ``florence eval video-retrieval`` results on MSR-VTT.
+- ``ACTION``: Florence Table 10 (Kinetics-400 / 600 top-1 / top-5, 4x3 views unless noted, SPEC §7.3) beside
+  ``florence eval action`` results on Kinetics.
 
 Each table maps a model name to ``{dataset: value}``; ``FLORENCE`` names Florence's row, ``CLIP_BASELINES`` the CLIP
 rows that SPEC lists. A value is missing where the paper has "–".
@@ -140,12 +144,40 @@ VQA: dict[str, tuple[float, float]] = {
 }
 
 
+# Table 9: MSR-VTT 1K-A (1K video-caption pairs) zero-shot text->video recall [FL-T9, SPEC §8.9]; "–" left out.
+VIDEO_RETRIEVAL: dict[str, dict[str, float]] = {
+    "Florence": {"text_to_video_R@1": 37.6, "text_to_video_R@5": 63.8, "text_to_video_R@10": 72.6},
+    "CLIP-ViT-B/16": {"text_to_video_R@1": 26.0, "text_to_video_R@5": 49.4, "text_to_video_R@10": 60.7},
+    "Frozen-in-Time": {"text_to_video_R@1": 18.7, "text_to_video_R@5": 39.5, "text_to_video_R@10": 51.6},
+    "VideoCLIP": {"text_to_video_R@1": 10.4, "text_to_video_R@5": 22.2, "text_to_video_R@10": 30.0},
+}
+MSRVTT_NAMES = re.compile(r"msr-?vtt", re.IGNORECASE)
+
+# Table 10: Kinetics fine-tuned, {dataset: {model: {metric: value}}} (4x3 views; VideoSwin-L also 10x5) [FL-T10].
+ACTION: dict[str, dict[str, dict[str, float]]] = {
+    "kinetics400": {"Florence": {"top1": 86.5, "top5": 97.3}, "VideoSwin-L": {"top1": 84.6, "top5": 96.5},
+                    "ViViT-H/16x2": {"top1": 84.8, "top5": 95.8}, "TokenLearner 16at18+L/10": {"top1": 85.4,
+                                                                                              "top5": 96.3}},
+    "kinetics600": {"Florence": {"top1": 87.8, "top5": 97.8}, "VideoSwin-L": {"top1": 85.9, "top5": 97.1},
+                    "ViViT-H/16x2": {"top1": 85.8, "top5": 96.5}, "TokenLearner 16at18+L/10": {"top1": 86.3,
+                                                                                              "top5": 97.0}},
+}
+
+
+def kinetics_split(dataset: str) -> str | None:
+    """``kinetics400`` / ``kinetics600`` for an ``florence eval action`` result name naming one (``k400_val``,
+    ``kinetics-600``), else None (other data has no paper number)."""
+    match = re.search(r"(?:kinetics|k)[-_]?(400|600)", dataset, re.IGNORECASE)
+    return f"kinetics{match.group(1)}" if match else None
+
+
 def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, float]]:
     """``[(model, value %), ...]`` for one result: Florence first, then the CLIP baselines (where reported).
 
     ``task`` is ``zeroshot``, ``linear-probe``, ``classify`` (Table 3), ``detection`` (Table 6), ``retrieval`` or
-    ``retrieval-finetune`` (Table 5), or ``vqa`` (Table 8: test-dev ``overall`` of Florence and METER, VQAv2 data
-    only); classification tables are compared on the dataset's paper metric only (``paper_metric``), retrieval
+    ``retrieval-finetune`` (Table 5), ``vqa`` (Table 8: test-dev ``overall`` of Florence and METER, VQAv2 data
+    only), ``video-retrieval`` (Table 9, MSR-VTT only) or ``action`` (Table 10, Kinetics only); classification
+    tables are compared on the dataset's paper metric only (``paper_metric``), retrieval
     tables per R@K key.
     """
     if task in ("zeroshot", "linear-probe"):
@@ -168,6 +200,14 @@ def reference_rows(task: str, dataset: str, metric: str) -> list[tuple[str, floa
         if metric != "overall" or not is_vqav2(dataset):
             return []
         return [(m, VQA[m][0]) for m in ("Florence", "METER (CLIP-ViT-B/16 + RoBERTa)")]
+    if task == "video-retrieval":
+        if not MSRVTT_NAMES.search(dataset):
+            return []
+        return [(m, row[metric]) for m, row in VIDEO_RETRIEVAL.items() if metric in row]
+    if task == "action":
+        split = kinetics_split(dataset)
+        rows = ACTION.get(split, {}) if split else {}
+        return [(m, row[metric]) for m, row in rows.items() if metric in row]
     if task in ("retrieval", "retrieval-finetune"):
         table = RETRIEVAL_ZERO_SHOT if task == "retrieval" else RETRIEVAL_FINE_TUNED
         rows = [("Florence", table["Florence"].get(dataset, {}).get(metric))]

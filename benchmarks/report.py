@@ -4,6 +4,8 @@ RESULTS are ``florence eval`` JSON files or directories holding them. For each r
 value (percent), the paper's Florence value and the CLIP rows of SPEC §8 where the paper reports that dataset and
 metric, and our difference to each. ``florence eval vqa`` results (official VQA accuracy, already in percent) get
 their own table (overall, yes/no, number, other) beside the paper's Table 8 (VQAv2 test-dev / test-std).
+``florence eval action`` and ``florence eval video-retrieval`` results sit in the main table (median ranks as ranks),
+with the paper's Tables 10 and 9 under it.
 ``--output FILE`` also writes the Markdown to a file.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from florence.benchmarks.paper import VQA, reference_rows
+from florence.benchmarks.paper import ACTION, VIDEO_RETRIEVAL, VQA, reference_rows
 
 REQUIRED_KEYS = ("task", "dataset", "protocol", "metrics", "model")
 
@@ -75,6 +77,20 @@ def _vqa_lines(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _video_lines(tasks: set[str]) -> list[str]:
+    """The paper's Tables 9 and 10 in one line each, under video results (their Δ column is filled only for results
+    on MSR-VTT / Kinetics)."""
+    lines = []
+    if "video-retrieval" in tasks:
+        lines += ["", "Table 9 (MSR-VTT 1K-A zero-shot text->video R@1 / R@5 / R@10): " + "; ".join(
+            f"{m} " + " / ".join(f"{v:.1f}" for v in row.values()) for m, row in VIDEO_RETRIEVAL.items()) + "."]
+    if "action" in tasks:
+        lines += ["", "Table 10 (top-1 / top-5, 4x3 views): " + "; ".join(
+            f"{split} {m} {row['top1']:.1f} / {row['top5']:.1f}" for split, rows in ACTION.items()
+            for m, row in rows.items()) + "."]
+    return lines
+
+
 def render_markdown(results: list[dict[str, Any]]) -> str:
     """One Markdown table: task, dataset, metric, ours, then ``model: value (ours - value)`` per reference; VQA
     results in a table of their own beside Table 8."""
@@ -87,6 +103,10 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
     for r in (r for r in results if r["task"] != "vqa"):
         stds = r.get("metrics_std", {})
         for metric, value in r["metrics"].items():
+            if "median_rank" in metric:  # a rank, not a fraction
+                lines.append(f"| {r['task']} | {r['dataset']} | {metric} | {float(value):g} (rank) | – | – | – "
+                             f"| {r['protocol']} |")
+                continue
             if float(value) < 0:  # COCO's -1: no ground truth in that area range
                 lines.append(f"| {r['task']} | {r['dataset']} | {metric} | – (no ground truth) | – | – | – "
                              f"| {r['protocol']} |")
@@ -107,14 +127,16 @@ def render_markdown(results: list[dict[str, Any]]) -> str:
         lines = _vqa_lines(vqa)[1:]  # only VQA results: no general table
     elif vqa:
         lines += _vqa_lines(vqa)
+    lines += _video_lines({r["task"] for r in results})
     models = sorted({(r["model"].get("path") or r["model"].get("predictions", "?"), r["model"].get("sha256", "?"))
                      for r in results})
     lines.append("")
     for path, digest in models:
         lines.append(f"Model `{path}` (bundle SHA-256 `{str(digest)[:16]}…`).")
     lines.append("Paper numbers: Florence Tables 1 (zero-shot), 2 (linear probe), 3 (ImageNet fine-tuning: "
-                 "`classify` results, baselines in the last column), 5 (retrieval), 6 (detection), 8 (VQA); the "
-                 "difference is ours minus theirs, in points.")
+                 "`classify` results, baselines in the last column), 5 (retrieval), 6 (detection), 8 (VQA), 9 "
+                 "(MSR-VTT text->video, `video-retrieval`), 10 (Kinetics, `action`); the difference is ours minus "
+                 "theirs, in points.")
     return "\n".join(lines) + "\n"
 
 

@@ -4,13 +4,17 @@
     florence eval TASK --model DIR --dataset NAME  evaluation protocols (florence.benchmarks.eval_cli)
     florence eval detection --model DIR --annotations ANN.json --images DIR   COCO detection metrics
     florence eval vqa --model DIR --questions Q.json --annotations A.json --images DIR   official VQA accuracy
+    florence eval action --model DIR --annotations ANN --videos DIR   multi-view action recognition (4x3 views)
+    florence eval video-retrieval --model DIR --captions CSV --videos DIR   zero-shot text->video retrieval
     florence predict --model DIR IMAGE...          classify your own images (florence.benchmarks.predict)
     florence detect --model DIR IMAGE...           detect objects in your own images (florence.benchmarks.detect)
     florence vqa --model DIR IMAGE "question"      answer questions about an image (florence.benchmarks.vqa_predict)
+    florence predict-video --model DIR VIDEO...    top-5 actions of your own videos (florence.benchmarks.video_cli)
     florence report RESULTS...                     our numbers beside the paper's (florence.benchmarks.report)
     florence demo [--workdir DIR]                  the end-to-end Fashion-MNIST demo (florence.benchmarks.demo)
     florence demo detection [--workdir DIR]        the Fashion-MNIST detection demo (florence.benchmarks.detection_demo)
     florence demo vqa [--workdir DIR]              the Fashion-MNIST VQA demo (florence.benchmarks.vqa_demo)
+    florence demo video [--workdir DIR]            the Moving Fashion-MNIST video demo (florence.benchmarks.video_demo)
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ _COMMANDS = {
     "predict": "florence.benchmarks.predict",
     "detect": "florence.benchmarks.detect",
     "vqa": "florence.benchmarks.vqa_predict",
+    "predict-video": "florence.benchmarks.video_cli",
 }
 
 

@@ -35,6 +35,7 @@ class LoadReport:
     - ``newly_initialized``: model keys that keep their fresh initialisation on purpose (CoSwin conv embeddings).
     - ``resized``: relative-position tables interpolated to the model's window size.
     - ``skipped``: checkpoint keys dropped on purpose (buffers, classifier, Swin embeddings, other towers).
+    - ``inflated``: loaded after a change of dimension (a 2D kernel or bias table made 3D for the video tower).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -43,13 +44,15 @@ class LoadReport:
     newly_initialized: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    inflated: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
             f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
             f"newly initialised {len(self.newly_initialized)}, resized {len(self.resized)}, skipped {len(self.skipped)}"
+            + (f", inflated {len(self.inflated)}" if self.inflated else "")
         ]
-        for name in ("missing", "unexpected", "newly_initialized", "resized", "skipped"):
+        for name in ("missing", "unexpected", "newly_initialized", "resized", "skipped", "inflated"):
             keys = getattr(self, name)
             if keys:  # grouped by module: "patch_embed.proj (weight, bias)"
                 groups: dict[str, list[str]] = {}

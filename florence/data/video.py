@@ -1,0 +1,973 @@
+"""Video data for action recognition: PyAV decoding, mmaction2 frame sampling, annotation lists, the endless
+resumable training stream and the multi-view evaluation loader.
+
+**Decoding** (:func:`decode_frames`, PyAV): frame ``i`` is the ``i``-th frame the decoder outputs from the start of
+the first video stream (presentation order), as RGB uint8 ``(H, W, 3)``. Codec threads: ``stream.thread_type =
+"AUTO"`` (frame + slice threads), ``threads`` per decoder (0: FFmpeg's choice). Only wanted frames are converted to
+RGB, and decoding stops after the last wanted frame. For a long video whose wanted frames are a small part of it,
+the decoder **seeks**: to the keyframe at or before the first wanted frame (by its pts), then decodes forward; a
+run of wanted frames further than :data:`SEEK_MIN_GAP` frames from the previous one gets its own seek. Seeking is
+used only where it provably gives the sequential frames: the stream's frame count matches its duration at its frame
+rate (no gaps), every frame decoded after the seek lies on the ``start + i / fps`` pts grid with consecutive
+indices, and decoding starts at a keyframe at or before the wanted frame (else it seeks further back, and in the
+end decodes from the start). The number of frames is the stream's ``frames`` (the container's count), or, where the
+container does not store it (Matroska / WebM), the number of non-empty packets.
+
+**Bad videos** raise :class:`~florence.data.images.BadSample` (file, reason) and follow the bad-sample policy like
+images: ``missing file``, ``empty file``, ``not a readable video`` (corrupt bytes, a truncated MP4 without its
+index, a text file), ``no video stream`` (an audio-only file), ``unsupported video codec``, ``corrupt video`` (a
+decoding error), ``truncated video`` (a wanted frame beyond the decodable ones).
+
+**Sampling** (:func:`sample_clip_indices`): mmaction2 ``SampleFrames`` (``mmaction/datasets/transforms/loading.py``,
+``keep_tail_frames=False``, ``twice_sample=False``, no temporal jitter). A clip spans ``clip_len`` frames
+``frame_interval`` apart. Training draws one random offset per segment; testing spaces ``num_clips`` offsets evenly
+over the video, deterministically. Frames past the end are looped (``loop``: index mod ``num_frames``, mmaction2's
+default) or replaced by the clip's last valid frame (``repeat_last``). Loaders count the clips that needed it
+(``looped``: :attr:`VideoTrainLoader.looped`, ``report()["looped"]`` of the evaluation loader) and log each such file
+once at debug level.
+
+**Annotations** (:func:`read_video_annotations` -> :class:`VideoList`), paths relative to ``videos``:
+
+- no annotation file: folder-per-class ``videos/<class>/**/<file>`` (classes sorted by folder name, as torchvision's
+  ``ImageFolder``; files with a video suffix, :data:`VIDEO_SUFFIXES`);
+- ``path label`` lines (mmaction2's ``VideoDataset`` list; split at a tab if there is one, else at the last
+  whitespace, so paths may contain spaces; blank lines and ``#`` comments skipped);
+- CSV / TSV with a header, either ``path,label`` (``video`` accepted for ``path``) or Kinetics'
+  ``label,youtube_id,time_start,time_end[,split,...]``: file ``{youtube_id}_{time_start:06d}_{time_end:06d}`` with a
+  video suffix (``.mp4`` first), looked up in ``videos/<label>/``, ``videos/<label with _ for spaces>/``, then
+  ``videos/``;
+- a label is a class index or a class name. ``classes`` (a file with one name per line, in index order, or a list)
+  fixes the names; without it, class names found in the labels are sorted (mmaction2's Kinetics lists), and pure
+  integer labels have no names. A name not in ``classes`` (or an index outside it) is a one-line
+  :class:`~florence.data.errors.DataFileError` naming the file and line.
+
+Entries whose video file is missing are dropped and counted by reason with the first examples
+(:meth:`VideoList.format`), never silently.
+
+**Training stream** (:func:`build_video_train_loader`; the ``data:`` section of an ``action`` run)::
+
+    sources:                       # concatenated (each clip once per epoch); one label space for all
+      - annotations: train.txt     # path label lines, a .csv / .tsv, or null for videos/<class>/<file>
+        videos: videos/train/
+        classes: classes.txt       # optional: class names in index order (file or list)
+        name: kinetics_train       # in logs (default: the annotation file's stem)
+    batch_size: 8                  # per rank (the engine sets it)
+    seed: 0
+    num_workers: 2
+    samples_per_epoch: null        # default: all clips
+    clip_len: null                 # default: preprocess["clip_len"] (= input_size[1])
+    frame_interval: null           # default: preprocess["frame_interval"] (1)
+    out_of_bound: loop             # loop | repeat_last
+    augment: {scale: [0.08, 1.0], ratio: [0.75, 1.333], hflip: 0.5, rand_augment: null}
+    decode_threads: 0              # PyAV codec threads per decoder (0: FFmpeg's choice; 1 with many workers)
+    cache_videos: 0                # > 0: LRU of that many whole decoded short videos per worker process
+    on_bad_sample: skip            # skip | raise
+    max_bad_retries: 16
+    pin_memory: false
+    prefetch_factor: null
+    run_dir: null
+
+It is the florence training stream (:mod:`florence.data.mixing`): endless, seeded, split over ranks; every random
+draw of a clip (offset, crop, flip, RandAugment) comes from ``np.random.default_rng([sample seed, attempt])`` of
+its stream position, so ``state_dict`` / ``load_state_dict`` continue with exactly the next batch. A bad video is
+replaced by the next one of its source (as images are).
+
+**Batches**: training ``{"videos": (B, 3, T, S, S) float32, "labels": (B,) int64}``; evaluation
+(:func:`video_eval_loader`) ``{"videos": (B, V, 3, T, S, S), "labels": (B,), "index": (B,) int64}`` with
+``V = num_clips * num_crops`` views in clip-major order and ``index`` the video's position in its :class:`VideoList`.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import Counter, OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import av
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from florence.data.bad_samples import BadSampleError, BadSampleLog
+from florence.data.errors import DataConfigError, DataFileError, DataNotFound
+from florence.data.eval_loader import BatchEvalLoader
+from florence.data.images import BadSample
+from florence.data.loader import TrainLoader
+from florence.data.mixing import MixturePlan, MixtureSampler
+from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _number, _optional, _path, _range_pair, \
+    _randaugment, _text
+from florence.data.video_transforms import VideoTestTransform, clip_size, video_test_transform, video_train_transform
+
+logger = logging.getLogger("florence.data")
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ogv",
+                  ".ts")
+TABLE_SUFFIXES = (".csv", ".tsv")
+OUT_OF_BOUND = ("loop", "repeat_last")
+SEEK_MIN_GAP = 48  # frames: seek rather than decode through at least this many unwanted frames
+CACHE_MAX_BYTES = 256 << 20  # a video larger than this when decoded is never cached whole
+MAX_EXAMPLES = 20  # listed examples per skip reason (all are counted)
+_GRID_TOLERANCE = 0.25  # frames: how far off the 1/fps grid a pts may be (rounded time bases)
+_FFMPEG_ERRORS = (av.error.FFmpegError, OSError, UnicodeDecodeError)
+
+
+def _describe(err: Exception) -> str:
+    """``"InvalidDataError: Invalid data found when processing input"`` (FFmpeg's text, without the file name)."""
+    return f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+
+
+# --- decoding (PyAV) ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """The first video stream of a file: its frame count (module docstring), frame rate and frame size."""
+
+    path: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+@contextmanager
+def _open_video(path: str | Path, threads: int = 0) -> Iterator[tuple[Any, Any]]:
+    """``(container, first video stream)`` of a readable file with a video stream, set up for threaded decoding;
+    :class:`BadSample` otherwise."""
+    name = str(path)
+    try:
+        size = os.stat(name).st_size
+    except FileNotFoundError:
+        raise BadSample(name, "missing file") from None
+    except OSError as e:
+        raise BadSample(name, f"unreadable file ({e.strerror or e})") from None
+    if size == 0:
+        raise BadSample(name, "empty file")
+    try:
+        container = av.open(name, metadata_errors="ignore")
+    except _FFMPEG_ERRORS as e:
+        raise BadSample(name, f"not a readable video ({_describe(e)})") from None
+    try:
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise BadSample(name, f"no video stream (streams: {kinds})")
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise BadSample(name, "unsupported video codec (FFmpeg has no decoder for it)")
+        stream.thread_type = "AUTO"
+        stream.thread_count = int(threads)
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _count_packets(container: Any, stream: Any, name: str) -> int:
+    try:
+        return sum(1 for packet in container.demux(stream) if packet.size)
+    except _FFMPEG_ERRORS as e:
+        raise BadSample(name, f"corrupt video ({_describe(e)})") from None
+
+
+def video_info(path: str | Path) -> VideoInfo:
+    """The :class:`VideoInfo` of a file's first video stream; :class:`BadSample` for a file that is missing, empty,
+    unreadable, without a video stream or without frames."""
+    with _open_video(path) as (container, stream):
+        frames = int(stream.frames) or _count_packets(container, stream, str(path))
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        ctx = stream.codec_context
+        if frames <= 0:
+            raise BadSample(str(path), "no frames in the video stream")
+        return VideoInfo(str(path), frames, float(rate) if rate else 0.0, int(ctx.width), int(ctx.height))
+
+
+def _frame_grid(stream: Any) -> tuple[int, Fraction] | None:
+    """``(start pts, pts per frame)`` of a constant-rate stream whose frame count matches its duration (no gaps:
+    frame ``i`` is at ``start + i * step``), else None (seeking could not know a frame's index)."""
+    rate, base, frames, duration = stream.average_rate, stream.time_base, stream.frames, stream.duration
+    if not (rate and base and frames and duration) or stream.start_time is None:
+        return None
+    step = 1 / (Fraction(rate) * Fraction(base))
+    return (int(stream.start_time), step) if round(Fraction(duration) / step) == frames else None
+
+
+def _grid_index(frame: Any, grid: tuple[int, Fraction]) -> int | None:
+    """The frame's index on the pts grid, or None when its pts is missing or off the grid."""
+    if frame.pts is None:
+        return None
+    position = (frame.pts - grid[0]) / grid[1]
+    index = round(position)
+    return index if abs(position - index) <= _GRID_TOLERANCE else None
+
+
+def _seek_runs(wanted: np.ndarray) -> list[np.ndarray]:
+    """Sorted unique indices split where :data:`SEEK_MIN_GAP` or more unwanted frames lie between two wanted."""
+    cuts = np.nonzero(np.diff(wanted) > SEEK_MIN_GAP)[0] + 1
+    return np.split(wanted, cuts)
+
+
+def _decode_run(frames: Iterator[Any], run: np.ndarray, grid: tuple[int, Fraction], out: dict[int, np.ndarray],
+                expected: int | None) -> tuple[str, int | None]:
+    """Decode forward through ``frames`` until the last frame of ``run``, storing the wanted ones in ``out``.
+    ``expected``: the index of the next frame, or None right after a seek (decoding then starts at the first
+    keyframe). Returns ``(status, index of the last frame decoded)``; status ``"ok"``, ``"overshoot"`` (the first
+    keyframe is past ``run[0]``: seek further back) or ``"unsafe"`` (off-grid pts, a gap, or the end of the stream:
+    decode sequentially instead)."""
+    wanted, last = set(run.tolist()), int(run[-1])
+    for frame in frames:
+        index = _grid_index(frame, grid)
+        if index is None:
+            return "unsafe", None
+        if expected is None:
+            if not frame.key_frame:
+                continue  # frames output before the keyframe (open GOP) may reference data before the seek point
+            if index > run[0]:
+                return "overshoot", None
+            expected = index
+        if index != expected:
+            return "unsafe", None
+        if index in wanted:
+            out[index] = frame.to_ndarray(format="rgb24")
+        if index >= last:
+            return "ok", index
+        expected += 1
+    return "unsafe", None
+
+
+def _keyframe_between(stream: Any, grid: tuple[int, Fraction], after: int, upto: int) -> bool:
+    """Whether the demuxer's index has a keyframe after frame ``after`` and at or before frame ``upto`` (True when
+    the container has no index to tell: a seek may help). Index timestamps may be decoding times (MP4 with
+    B-frames), shifted from the pts by the first entry's offset."""
+    entries = stream.index_entries
+    if len(entries) <= 1:
+        return True
+    shift = max(0, grid[0] - entries[0].timestamp)  # pts - dts of the first frame
+    low, high = grid[0] + after * grid[1], grid[0] + upto * grid[1]
+    return any(low < entry.timestamp + shift <= high for entry in entries if entry.is_keyframe)
+
+
+def _decode_seeking(container: Any, stream: Any, wanted: np.ndarray, grid: tuple[int, Fraction]
+                    ) -> dict[int, np.ndarray] | None:
+    """The wanted frames by seeking to each run (module docstring), or None where seeking is not safe. A run with
+    no keyframe between the last decoded frame and its start is reached by decoding on instead."""
+    out: dict[int, np.ndarray] = {}
+    frames, position = None, None
+    for run in _seek_runs(wanted):
+        if position is not None and not _keyframe_between(stream, grid, position, int(run[0])):
+            status, position = _decode_run(frames, run, grid, out, position + 1)
+            if status != "ok":
+                return None
+            continue
+        target, back = int(run[0]), 16
+        while True:
+            container.seek(int(grid[0] + target * grid[1]), stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+            status, position = _decode_run(frames, run, grid, out, None)
+            if status == "ok":
+                break
+            if status == "unsafe" or target == 0:
+                return None
+            target, back = max(0, target - back), back * 2
+    return out
+
+
+def _decode_sequential(container: Any, stream: Any, wanted: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+    """``({index: frame}, frames decoded)``, decoding from the start until the last wanted frame."""
+    out: dict[int, np.ndarray] = {}
+    keep, last, count = set(wanted.tolist()), int(wanted[-1]), 0
+    try:
+        for frame in container.decode(stream):
+            if count in keep:
+                out[count] = frame.to_ndarray(format="rgb24")
+            count += 1
+            if count > last:
+                break
+    except _FFMPEG_ERRORS as e:
+        raise BadSample(container.name, f"corrupt or truncated video (decoding failed after {count} frames: "
+                                        f"{_describe(e)})") from None
+    return out, count
+
+
+def _stack(frames: Sequence[np.ndarray], name: str) -> np.ndarray:
+    if len({f.shape for f in frames}) > 1:
+        raise BadSample(name, f"frame size changes within the video ({frames[0].shape[:2]} to "
+                              f"{next(f.shape[:2] for f in frames if f.shape != frames[0].shape)})")
+    return np.stack(frames)  # N, H, W, 3
+
+
+def decode_frames(path: str | Path, indices: Sequence[int], *, threads: int = 0, seek: bool | None = None
+                  ) -> np.ndarray:
+    """Frames ``indices`` of a video (module docstring) as ``(len(indices), H, W, 3)`` uint8 RGB, in the order of
+    ``indices`` (repeats allowed).
+
+    Args:
+        threads: PyAV codec threads (0: FFmpeg's choice).
+        seek: True: seek where the stream allows it; False: decode from the start; None: seek when it skips at
+            least :data:`SEEK_MIN_GAP` frames.
+
+    Raises :class:`BadSample` for an unreadable video or an index beyond its decodable frames.
+    """
+    name = str(path)
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if (indices < 0).any():
+        raise ValueError(f"{name}: negative frame index in {indices.tolist()}")
+    wanted = np.unique(indices)  # sorted
+    with _open_video(path, threads) as (container, stream):
+        if not len(wanted):
+            ctx = stream.codec_context
+            return np.zeros((0, int(ctx.height), int(ctx.width), 3), dtype=np.uint8)
+        grid = _frame_grid(stream)
+        skips = bool(wanted[0] >= SEEK_MIN_GAP or (np.diff(wanted) > SEEK_MIN_GAP).any())
+        try:
+            if grid is not None and (skips if seek is None else seek):
+                frames, count = _decode_seeking(container, stream, wanted, grid), None  # None: not safe
+            else:
+                frames, count = _decode_sequential(container, stream, wanted)
+        except _FFMPEG_ERRORS as e:
+            raise BadSample(name, f"corrupt or truncated video ({_describe(e)})") from None
+    if frames is None:  # seeking was not safe: decode again from the start
+        return decode_frames(path, indices, threads=threads, seek=False)
+    missing = [int(i) for i in wanted if int(i) not in frames]
+    if missing:
+        raise BadSample(name, f"truncated video (frame {missing[0]} wanted, {count} decodable)")
+    return _stack([frames[int(i)] for i in indices], name)
+
+
+def decode_all(path: str | Path, *, threads: int = 0) -> np.ndarray:
+    """Every decodable frame of a video (those before a decoding error), ``(N, H, W, 3)`` uint8;
+    :class:`BadSample` for an unreadable video or one without a decodable frame."""
+    name = str(path)
+    frames, error = [], None
+    with _open_video(path, threads) as (container, stream):
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+        except _FFMPEG_ERRORS as e:  # keep the frames before the damage, as decode_frames would read them
+            error = e
+    if not frames:
+        raise BadSample(name, f"corrupt or truncated video ({_describe(error)})" if error else "no decodable frames")
+    return _stack(frames, name)
+
+
+class VideoReader:
+    """Decoding for a dataset: remembers each file's :class:`VideoInfo` and, with ``cache_videos > 0``, keeps the
+    last ``cache_videos`` whole decoded videos (each at most :data:`CACHE_MAX_BYTES`) in an LRU cache. One per
+    process: DataLoader workers each fill their own copy."""
+
+    def __init__(self, *, threads: int = 0, cache_videos: int = 0):
+        self.threads = int(threads)
+        self.cache_videos = int(cache_videos)
+        self._infos: dict[str, VideoInfo] = {}
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def info(self, path: str | Path) -> VideoInfo:
+        key = str(path)
+        if key not in self._infos:
+            self._infos[key] = video_info(path)
+        return self._infos[key]
+
+    def frames(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+        """``(len(indices), H, W, 3)`` uint8 (as :func:`decode_frames`)."""
+        key = str(path)
+        if self.cache_videos <= 0:
+            return decode_frames(path, indices, threads=self.threads)
+        if key not in self._cache:
+            info = self.info(path)
+            if info.num_frames * info.width * info.height * 3 > CACHE_MAX_BYTES:
+                return decode_frames(path, indices, threads=self.threads)
+            self._cache[key] = decode_all(path, threads=self.threads)
+            while len(self._cache) > self.cache_videos:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        whole = self._cache[key]
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and indices.max() >= len(whole):
+            raise BadSample(key, f"truncated video (frame {int(indices.max())} wanted, {len(whole)} decodable)")
+        return whole[indices]
+
+
+# --- sampling (mmaction2 SampleFrames) -----------------------------------------------------------------------------
+
+
+def _clip_offsets(num_frames: int, clip_len: int, frame_interval: int, num_clips: int, test_mode: bool,
+                  rng: np.random.Generator | None) -> np.ndarray:
+    """mmaction2 ``SampleFrames._get_test_clips`` / ``_get_train_clips`` (``keep_tail_frames=False``)."""
+    if test_mode:
+        span = (clip_len - 1) * frame_interval + 1
+        max_offset = max(num_frames - span, 0)
+        if num_clips == 1:
+            return np.array([max_offset // 2])
+        return np.round(np.arange(num_clips) * (max_offset / (num_clips - 1))).astype(np.int64)
+    if rng is None:
+        raise ValueError("training clip sampling needs an rng")
+    span = clip_len * frame_interval
+    avg_interval = (num_frames - span + 1) // num_clips
+    if avg_interval > 0:
+        return np.arange(num_clips) * avg_interval + rng.integers(avg_interval, size=num_clips)
+    if num_frames > max(num_clips, span):
+        return np.sort(rng.integers(num_frames - span + 1, size=num_clips))
+    if avg_interval == 0:
+        return np.around(np.arange(num_clips) * ((num_frames - span + 1.0) / num_clips)).astype(np.int64)
+    return np.zeros(num_clips, dtype=np.int64)
+
+
+def raw_clip_indices(num_frames: int, clip_len: int, frame_interval: int, num_clips: int, *, test_mode: bool,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+    """``(num_clips, clip_len)`` frame indices before the out-of-bound rule (they may reach past the end)."""
+    if num_frames <= 0 or clip_len <= 0 or frame_interval <= 0 or num_clips <= 0:
+        raise ValueError(f"sampling needs positive sizes, got num_frames={num_frames}, clip_len={clip_len}, "
+                         f"frame_interval={frame_interval}, num_clips={num_clips}")
+    offsets = _clip_offsets(num_frames, clip_len, frame_interval, num_clips, test_mode, rng)
+    return offsets.astype(np.int64)[:, None] + np.arange(clip_len, dtype=np.int64)[None, :] * frame_interval
+
+
+def bound_indices(indices: np.ndarray, num_frames: int, out_of_bound: str = "loop") -> np.ndarray:
+    """mmaction2's out-of-bound rule on ``(num_clips, clip_len)`` indices: ``loop`` (mod ``num_frames``) or
+    ``repeat_last`` (each clip's largest valid index; 0 when none is)."""
+    if out_of_bound == "loop":
+        return np.mod(indices, num_frames)
+    if out_of_bound == "repeat_last":
+        safe = indices < num_frames
+        last = np.max(np.where(safe, indices, 0), axis=1, keepdims=True)  # num_clips, 1
+        return np.where(safe, indices, last)
+    raise ValueError(f"out_of_bound must be one of {', '.join(OUT_OF_BOUND)}, got {out_of_bound!r}")
+
+
+def sample_clip_indices(num_frames: int, clip_len: int, frame_interval: int, num_clips: int, *, test_mode: bool,
+                        rng: np.random.Generator | None = None, out_of_bound: str = "loop") -> np.ndarray:
+    """``(num_clips, clip_len)`` int64 frame indices in ``[0, num_frames)``, mmaction2 ``SampleFrames``
+    (module docstring); ``rng`` draws the training offsets (unused in test mode)."""
+    raw = raw_clip_indices(num_frames, clip_len, frame_interval, num_clips, test_mode=test_mode, rng=rng)
+    return bound_indices(raw, num_frames, out_of_bound)
+
+
+# --- annotations --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VideoList:
+    """The videos of one split. ``paths[i]`` has label ``labels[i]``; ``class_names`` (index order) or None;
+    ``skipped``: count per reason of the dropped entries, ``examples``: ``{"file", "reason"}`` of the first
+    :data:`MAX_EXAMPLES` per reason; ``entries``: entries read (kept and dropped); ``source``: the annotation file
+    or videos folder."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str] | None
+    name: str
+    source: str
+    entries: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the label space: the class names, else the largest label + 1."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def format(self) -> str:
+        """One line: ``train.txt: 98 of 100 videos, 8 classes [missing video file: 2]``."""
+        notes = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+        return (f"{self.source}: {len(self)} of {self.entries} videos, {self.num_classes} classes"
+                + (f" [{notes}]" if notes else ""))
+
+
+def read_class_names(classes: str | Path | Sequence[str]) -> list[str]:
+    """Class names in index order: a list, or a text file with one name per line (blank lines skipped)."""
+    if isinstance(classes, (str, os.PathLike)):
+        path = Path(classes)
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except FileNotFoundError:
+            raise DataNotFound(f"{path}: class-name file not found") from None
+        except (UnicodeDecodeError, IsADirectoryError):
+            raise DataFileError(f"{path}: not a UTF-8 text file of class names") from None
+        names, where = [n for n in names if n], str(path)
+    else:
+        names, where = [str(n).strip() for n in classes], "classes"
+    if not names or not all(names):
+        raise DataFileError(f"{where}: expected a non-empty list of class names")
+    dup = next((n for n, c in Counter(names).items() if c > 1), None)
+    if dup is not None:
+        raise DataFileError(f"{where}: class name {dup!r} appears twice")
+    return names
+
+
+class _Skips:
+    """Counts of dropped entries by reason, with the first examples."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self.examples: list[dict[str, str]] = []
+
+    def note(self, reason: str, file: str) -> None:
+        self.counts[reason] += 1
+        if self.counts[reason] <= MAX_EXAMPLES:
+            self.examples.append({"file": file, "reason": reason})
+
+
+class _Folders:
+    """Names in folders, listed once each (fast lookups of many candidate files)."""
+
+    def __init__(self):
+        self._listing: dict[Path, set[str]] = {}
+
+    def has(self, path: Path) -> bool:
+        folder = path.parent
+        if folder not in self._listing:
+            self._listing[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
+        return path.name in self._listing[folder]
+
+
+@dataclass
+class _Entry:
+    path: Path
+    label: str
+    line: int
+
+
+def _is_int(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
+
+
+def _read_lines(file: Path) -> list[_Entry]:
+    entries = []
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit("\t", 1) if "\t" in line else line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[0].strip():
+            raise DataFileError(f"{file}: line {number}: expected 'path label', got {line!r}")
+        entries.append(_Entry(Path(parts[0].strip()), parts[1].strip(), number))
+    return entries
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataNotFound(f"{file}: annotation file not found") from None
+    except IsADirectoryError:
+        raise DataFileError(f"{file}: is a folder, expected an annotation file") from None
+    except UnicodeDecodeError:
+        raise DataFileError(f"{file}: not UTF-8 text") from None
+
+
+KINETICS_HEADER = ["label", "youtube_id", "time_start", "time_end"]
+
+
+def _read_table(file: Path, videos: Path, folders: _Folders) -> list[_Entry]:
+    text = _read_text(file)
+    rows = list(csv.reader(text.splitlines(), delimiter="\t" if file.suffix.lower() == ".tsv" else ","))
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    kinetics = header[:4] == KINETICS_HEADER
+    if not kinetics and (len(header) < 2 or header[0] not in ("path", "video") or header[1] != "label"):
+        raise DataFileError(f"{file}: line 1: expected the header path,label or "
+                            f"label,youtube_id,time_start,time_end[,split], got {','.join(header)!r}")
+    entries = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < (4 if kinetics else 2) or len(row) > len(header):
+            raise DataFileError(f"{file}: line {number}: {len(row)} fields, the header has {len(header)}")
+        if not kinetics:
+            entries.append(_Entry(Path(row[0].strip()), row[1].strip(), number))
+            continue
+        label, youtube_id = row[0].strip(), row[1].strip()
+        try:
+            start, end = int(float(row[2])), int(float(row[3]))
+        except ValueError:
+            raise DataFileError(f"{file}: line {number}: time_start / time_end: expected integers, got "
+                                f"{row[2]!r}, {row[3]!r}") from None
+        entries.append(_Entry(_kinetics_file(videos, label, f"{youtube_id}_{start:06d}_{end:06d}", folders),
+                              label, number))
+    return entries
+
+
+def _kinetics_file(videos: Path, label: str, stem: str, folders: _Folders) -> Path:
+    """The first existing candidate (relative to ``videos``), else the first candidate."""
+    candidates = [Path(d) / (stem + s) for d in (label, label.replace(" ", "_"), ".") for s in VIDEO_SUFFIXES]
+    return next((c for c in candidates if folders.has(videos / c)), candidates[0])
+
+
+def _read_folders(videos: Path, class_names: list[str] | None, skips: _Skips) -> tuple[list[_Entry], list[str]]:
+    """``videos/<class>/**/<video>`` entries (label = folder name) and the class names."""
+    folders = sorted(p for p in videos.iterdir() if p.is_dir())
+    for item in sorted(p for p in videos.iterdir() if not p.is_dir()):
+        skips.note("file outside a class folder", str(item))
+    names = class_names if class_names is not None else [f.name for f in folders]
+    known = set(names)
+    entries = []
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        if folder.name not in known:
+            for file in files:
+                skips.note("class folder not in the class list", str(file))
+            continue
+        for file in files:
+            if file.suffix.lower() in VIDEO_SUFFIXES:
+                entries.append(_Entry(file.relative_to(videos), folder.name, 0))
+            else:
+                skips.note("not a video file name", str(file))
+    return entries, names
+
+
+def _resolve_labels(entries: list[_Entry], class_names: list[str] | None, file: str
+                    ) -> tuple[np.ndarray, list[str] | None]:
+    """Label tokens -> ``(labels (N,) int64, class names)`` (module docstring)."""
+    tokens = [e.label for e in entries]
+    if class_names is None:
+        if all(_is_int(t) for t in tokens):
+            labels = np.array([int(t) for t in tokens], dtype=np.int64)
+            bad = next((e for e, v in zip(entries, labels) if v < 0), None)
+            if bad is not None:
+                raise DataFileError(f"{file}: line {bad.line}: negative label {bad.label!r}")
+            return labels, None
+        class_names = sorted(set(tokens))
+    index = {n: i for i, n in enumerate(class_names)}
+    labels = np.empty(len(entries), dtype=np.int64)
+    for i, entry in enumerate(entries):
+        if entry.label in index:
+            labels[i] = index[entry.label]
+        elif _is_int(entry.label) and 0 <= int(entry.label) < len(class_names):
+            labels[i] = int(entry.label)
+        else:
+            where = f"line {entry.line}" if entry.line else str(entry.path)
+            raise DataFileError(f"{file}: {where}: unknown class {entry.label!r} (not one of the "
+                                f"{len(class_names)} class names)")
+    return labels, class_names
+
+
+def read_video_annotations(annotations: str | Path | None, videos: str | Path, *,
+                           classes: str | Path | Sequence[str] | None = None, name: str | None = None) -> VideoList:
+    """The videos of a split (module docstring): an annotation file (``path label`` lines, or a ``.csv`` / ``.tsv``
+    table), or ``None`` for the folder-per-class layout of ``videos``; ``classes``: class names (file or list).
+    Entries whose video is missing are counted and dropped; none left is a :class:`DataFileError`."""
+    videos = Path(videos)
+    if not videos.is_dir():
+        raise DataNotFound(f"{videos}: videos folder not found")
+    class_names = read_class_names(classes) if classes is not None else None
+    skips, folders = _Skips(), _Folders()
+    if annotations is None:
+        source = str(videos)
+        entries, class_names = _read_folders(videos, class_names, skips)
+    else:
+        file = Path(annotations)
+        source = str(file)
+        entries = (_read_table(file, videos, folders) if file.suffix.lower() in TABLE_SUFFIXES
+                   else _read_lines(file))
+    if not entries:
+        first = f" ({skips.examples[0]['reason']}: {skips.examples[0]['file']})" if skips.examples else ""
+        raise DataFileError(f"{source}: no videos listed{first}")
+    labels, class_names = _resolve_labels(entries, class_names, source)
+    dropped = sum(skips.counts.values())  # before reading the entries (folder layout)
+    keep = []
+    for i, entry in enumerate(entries):
+        path = videos / entry.path
+        if folders.has(path) or path.is_file():
+            keep.append(i)
+        else:
+            skips.note("missing video file", str(path))
+    result = VideoList(paths=[videos / entries[i].path for i in keep], labels=labels[keep], class_names=class_names,
+                       name=name or (Path(annotations).stem if annotations is not None else videos.name),
+                       source=source, entries=len(entries) + dropped, skipped=dict(skips.counts),
+                       examples=skips.examples)
+    if not len(result):
+        raise DataFileError(f"{source}: none of the {result.entries} listed videos exists (first missing: "
+                            f"{skips.examples[0]['file']})")
+    if result.skipped:
+        logger.warning("%s", result.format())
+    return result
+
+
+# --- datasets and loaders -----------------------------------------------------------------------------------------
+
+
+def clip_settings(preprocess: dict[str, Any], clip_len: int | None = None, frame_interval: int | None = None
+                  ) -> tuple[int, int]:
+    """``(clip_len, frame_interval)``: the given values, else the preprocess dict's (``clip_len`` defaulting to
+    ``input_size[1]``, ``frame_interval`` to 1)."""
+    frames, _, _ = clip_size(preprocess)
+    clip_len = int(clip_len if clip_len is not None else preprocess.get("clip_len", frames))
+    frame_interval = int(frame_interval if frame_interval is not None else preprocess.get("frame_interval", 1))
+    return clip_len, frame_interval
+
+
+class _ClipSampler:
+    """Reads the sampled frames of one video: ``(frames (num_clips * clip_len, H, W, 3), looped)``."""
+
+    def __init__(self, reader: VideoReader, clip_len: int, frame_interval: int, num_clips: int, test_mode: bool,
+                 out_of_bound: str = "loop"):
+        if out_of_bound not in OUT_OF_BOUND:
+            raise ValueError(f"out_of_bound must be one of {', '.join(OUT_OF_BOUND)}, got {out_of_bound!r}")
+        self.reader = reader
+        self.clip_len, self.frame_interval, self.num_clips = int(clip_len), int(frame_interval), int(num_clips)
+        self.test_mode = test_mode
+        self.out_of_bound = out_of_bound
+        self._logged: set[str] = set()
+
+    def __call__(self, path: Path, rng: np.random.Generator | None = None) -> tuple[np.ndarray, bool]:
+        num_frames = self.reader.info(path).num_frames
+        raw = raw_clip_indices(num_frames, self.clip_len, self.frame_interval, self.num_clips,
+                               test_mode=self.test_mode, rng=rng)  # num_clips, clip_len
+        looped = bool((raw >= num_frames).any())
+        if looped and str(path) not in self._logged:
+            self._logged.add(str(path))
+            logger.debug("%s: %d frames, shorter than a clip of %d frames %d apart: %s", path, num_frames,
+                         self.clip_len, self.frame_interval, self.out_of_bound)
+        indices = bound_indices(raw, num_frames, self.out_of_bound)
+        return self.reader.frames(path, indices.reshape(-1)), looped
+
+
+def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``[{"video", "label", "looped"[, "index"]}] * B`` -> ``{"videos" (B, ...), "labels" (B,) int64, "looped"
+    (B,) bool[, "index" (B,) int64]}``."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    batch = {"videos": torch.stack([s["video"] for s in samples]),
+             "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
+             "looped": torch.tensor([s["looped"] for s in samples], dtype=torch.bool)}
+    if "index" in samples[0]:
+        batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
+    return batch
+
+
+class VideoTrainDataset(Dataset):
+    """Map-style dataset keyed by the training stream's ``(source id, video index, sample seed)``; all of a clip's
+    random draws come from ``np.random.default_rng([seed, attempt])``. A bad video is replaced by the next one of
+    its source (up to ``max_bad_retries`` times; counted and logged by ``bad``)."""
+
+    def __init__(self, sources: Sequence[VideoList], sampler: _ClipSampler, transform, bad: BadSampleLog, *,
+                 max_bad_retries: int = 16):
+        self.sources = list(sources)
+        self.sampler = sampler
+        self.transform = transform
+        self.bad = bad
+        self.max_bad_retries = int(max_bad_retries)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
+        source_id, index, seed = key
+        source = self.sources[source_id]
+        for attempt in range(self.max_bad_retries + 1):
+            j = (index + attempt) % len(source)
+            rng = np.random.default_rng([seed, attempt])
+            try:
+                frames, looped = self.sampler(source.paths[j], rng)
+            except BadSample as err:
+                self.bad.handle(err, source=source.name)
+                continue
+            return {"video": self.transform(frames, rng), "label": int(source.labels[j]), "looped": looped}
+        raise BadSampleError(f"{source.name}: {self.max_bad_retries + 1} unreadable videos in a row from video "
+                             f"{index} (see the bad-sample log)")
+
+
+class VideoTrainLoader(TrainLoader):
+    """:class:`~florence.data.loader.TrainLoader` of clips: endless, resumable (``state_dict`` /
+    ``load_state_dict``), ``bad_sample_summary()``; ``looped``: clips delivered that were shorter than the sample
+    (looped or padded, this process); ``class_names``, ``num_classes``, ``annotation_summary()``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.looped = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().__iter__():
+            self.looped += int(batch.pop("looped").sum())
+            yield batch
+
+    @property
+    def sources(self) -> list[VideoList]:
+        return self.dataset.sources
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return next((s.class_names for s in self.sources if s.class_names is not None), None)
+
+    @property
+    def num_classes(self) -> int:
+        return max(s.num_classes for s in self.sources)
+
+    def annotation_summary(self) -> list[str]:
+        return [s.format() for s in self.sources]
+
+
+def _check_label_space(lists: Sequence[VideoList]) -> None:
+    named = [v for v in lists if v.class_names is not None]
+    for other in named[1:]:
+        if other.class_names != named[0].class_names:
+            raise DataConfigError(f"data.sources: {other.source} and {named[0].source} have different class names "
+                                  "(give the same classes file to every source)")
+    if named:
+        too_big = next((v for v in lists if v.class_names is None and v.num_classes > len(named[0].class_names)),
+                       None)
+        if too_big is not None:
+            raise DataConfigError(f"data.sources: {too_big.source} has label {too_big.num_classes - 1}, beyond the "
+                                  f"{len(named[0].class_names)} classes of {named[0].source}")
+
+
+def build_video_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], rank: int = 0,
+                             world_size: int = 1, run_dir: str | Path | None = None) -> VideoTrainLoader:
+    """The training stream of rank ``rank`` of ``world_size`` from a video ``data:`` section (module docstring),
+    validated first; ``preprocess``: the model's video preprocess dict (size, mean / std, clip length)."""
+    validate_video_data(config)
+    if "batch_size" not in config:
+        raise DataConfigError("data.batch_size: required (per rank)")
+    lists = [read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes"), name=s.get("name"))
+             for s in config["sources"]]
+    _check_label_space(lists)
+    clip_len, frame_interval = clip_settings(preprocess, config.get("clip_len"), config.get("frame_interval"))
+    reader = VideoReader(threads=config.get("decode_threads", 0), cache_videos=config.get("cache_videos", 0))
+    sampler = _ClipSampler(reader, clip_len, frame_interval, 1, False, config.get("out_of_bound", "loop"))
+    run_dir = run_dir if run_dir is not None else config.get("run_dir")
+    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
+    dataset = VideoTrainDataset(lists, sampler, video_train_transform(preprocess, augment=config.get("augment")),
+                                bad, max_bad_retries=config.get("max_bad_retries", 16))
+    sizes = [len(v) for v in lists]
+    plan = MixturePlan(sizes, sizes, seed=int(config.get("seed", 0)),  # weights = sizes: plain concatenation
+                       samples_per_epoch=config.get("samples_per_epoch"))
+    stream = MixtureSampler(plan, batch_size=int(config["batch_size"]), rank=rank, world_size=world_size)
+    return VideoTrainLoader(dataset, stream, collate_fn=collate_clips, num_workers=int(config.get("num_workers", 0)),
+                            pin_memory=bool(config.get("pin_memory", False)),
+                            prefetch_factor=config.get("prefetch_factor"))
+
+
+class _EvalVideos(Dataset):
+    """``dataset[i]`` -> ``{"video" (V, 3, T, S, S), "label", "index", "looped"}`` or the :class:`BadSample`."""
+
+    def __init__(self, videos: VideoList, sampler: _ClipSampler, transform: VideoTestTransform):
+        self.videos = videos
+        self.paths = videos.paths  # names samples in messages
+        self.sampler = sampler
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | BadSample:
+        try:
+            frames, looped = self.sampler(self.videos.paths[i])  # num_clips * T, H, W, 3
+        except BadSample as err:
+            return err
+        clips = frames.reshape(self.sampler.num_clips, self.sampler.clip_len, *frames.shape[1:])
+        views = torch.cat([self.transform(clip) for clip in clips])  # num_clips * num_crops, 3, T, S, S (clip-major)
+        return {"video": views, "label": int(self.videos.labels[i]), "index": i, "looped": looped}
+
+
+class VideoEvalLoader(BatchEvalLoader):
+    """:class:`~florence.data.eval_loader.BatchEvalLoader` of multi-view clips; ``report()`` adds ``looped`` (videos
+    shorter than a clip, looped or padded) and ``annotations`` (entries the :class:`VideoList` dropped)."""
+
+    def __init__(self, dataset: _EvalVideos, **kwargs):
+        super().__init__(dataset, collate_clips, **kwargs)
+        self.looped = 0
+
+    @staticmethod
+    def batch_length(batch: Any) -> int:
+        return len(batch["videos"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.looped = 0
+        for batch in super().__iter__():
+            self.looped += int(batch.pop("looped").sum())
+            yield batch
+
+    def report(self) -> dict[str, Any]:
+        videos = self.dataset.dataset.videos if isinstance(self.dataset, Subset) else self.dataset.videos
+        return {**super().report(), "looped": self.looped,
+                "annotations": {"skipped": dict(videos.skipped), "examples": list(videos.examples)}}
+
+
+def video_eval_loader(videos: VideoList, *, preprocess: dict[str, Any], num_clips: int = 4, num_crops: int = 3,
+                      batch_size: int = 4, num_workers: int = 0, on_bad_sample: str = "skip", decode_threads: int = 0,
+                      max_videos: int | None = None) -> VideoEvalLoader:
+    """Deterministic multi-view batches (module docstring) of the first ``max_videos`` (all) of ``videos``:
+    ``num_clips`` evenly spaced clips (mmaction2 test sampling, ``preprocess`` clip length and interval) times
+    ``num_crops`` spatial crops (1 centre, 3 ThreeCrop); bad videos are left out and listed by ``report()``."""
+    clip_len, frame_interval = clip_settings(preprocess)
+    sampler = _ClipSampler(VideoReader(threads=decode_threads), clip_len, frame_interval, num_clips, True)
+    dataset: Dataset = _EvalVideos(videos, sampler, video_test_transform(preprocess, num_crops))
+    if max_videos is not None:
+        dataset = Subset(dataset, range(min(int(max_videos), len(videos))))
+    return VideoEvalLoader(dataset, batch_size=batch_size, num_workers=num_workers, on_bad_sample=on_bad_sample,
+                           name=videos.name)
+
+
+# --- config schema ------------------------------------------------------------------------------------------------
+
+
+def _sources(v: Any) -> str | None:
+    return None if isinstance(v, (list, tuple)) and v and all(isinstance(s, dict) for s in v) else \
+        "expected a non-empty list of sources (mappings with annotations, videos, classes)"
+
+
+def _classes(v: Any) -> str | None:
+    if _path(v) is None or (isinstance(v, (list, tuple)) and v and all(_text(n) is None for n in v)):
+        return None
+    return "expected a class-name file or a non-empty list of class names"
+
+
+VIDEO_SOURCE_SCHEMA: dict[str, Check] = {
+    "annotations": _optional(_path),
+    "videos": _path,
+    "classes": _classes,
+    "name": _text,
+}
+VIDEO_AUGMENT_SCHEMA: dict[str, Check] = {
+    "scale": _range_pair(0.0, 1.0),
+    "ratio": _range_pair(0.0, None),
+    "hflip": _number(0.0, 1.0),
+    "rand_augment": _randaugment,
+}
+VIDEO_DATA_SCHEMA: dict[str, Check] = {
+    "sources": _sources,
+    "batch_size": _int(1),
+    "seed": _int(0),
+    "num_workers": _int(0),
+    "samples_per_epoch": _optional(_int(1)),
+    "clip_len": _optional(_int(1)),
+    "frame_interval": _optional(_int(1)),
+    "out_of_bound": _choice(*OUT_OF_BOUND),
+    "augment": lambda v: None if v is None or isinstance(v, dict) else "expected a mapping of augmentation keys",
+    "decode_threads": _int(0),
+    "cache_videos": _int(0),
+    "on_bad_sample": _choice("skip", "raise"),
+    "max_bad_retries": _int(0),
+    "pin_memory": _bool,
+    "prefetch_factor": _optional(_int(1)),
+    "run_dir": _optional(_path),
+}
+
+def validate_video_data(data: Any, key: str = "data") -> None:
+    """Check a video ``data:`` section (module docstring) without reading any data; raises
+    :class:`~florence.data.errors.DataConfigError` whose message starts with the dotted key
+    (``data.sources[0].videos: required``). ``batch_size`` is optional here."""
+    if not isinstance(data, dict):
+        raise DataConfigError(f"{key}: expected a mapping, got {data!r}")
+    _check_keys(data, VIDEO_DATA_SCHEMA, key)
+    if "sources" not in data:
+        raise DataConfigError(f"{key}.sources: required (a list of video annotation / folder sources)")
+    for i, source in enumerate(data["sources"]):
+        where = f"{key}.sources[{i}]"
+        _check_keys(source, VIDEO_SOURCE_SCHEMA, where)
+        if "videos" not in source:
+            raise DataConfigError(f"{where}.videos: required (the folder the video paths are relative to)")
+    _check_keys(data.get("augment") or {}, VIDEO_AUGMENT_SCHEMA, f"{key}.augment")
+
+
+__all__ = ["VideoInfo", "video_info", "decode_frames", "decode_all", "VideoReader", "sample_clip_indices",
+           "raw_clip_indices", "bound_indices", "VideoList", "read_class_names", "read_video_annotations",
+           "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader", "VideoEvalLoader",
+           "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]
