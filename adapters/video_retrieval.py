@@ -6,7 +6,7 @@ A video becomes one embedding in the dual encoder's joint space from its frames,
   ``floor((i + 1/2) * N / num_frames)`` for ``i = 0 .. num_frames - 1`` of a video of ``N`` frames (TSN / mmaction2
   0.x ``SampleFrames`` test mode with ``clip_len=1``; Frozen-in-Time's ``uniform`` sampling takes the same centres
   with integer segment bounds, at most one frame away). A video shorter than ``num_frames`` repeats frames. Frame
-  ``i`` is the ``i``-th decoded frame (:func:`florence.data.video.decode_frames`, PyAV);
+  ``i`` is the ``i``-th decoded frame (:func:`florence.data.video_decode.decode_frames`, PyAV);
 - **per frame**: the image tower's evaluation transform (``florence.data.transforms.build_transform(model.preprocess,
   train=False)`` on the frame as a PIL image, exactly as a still image) and ``model.encode_image``;
 - **pooling** (how Florence pools frames is not stated, SPEC §8.9: UNVERIFIED; ours): ``"mean"`` (default) averages
@@ -53,7 +53,7 @@ from florence.data.errors import DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample
 from florence.data.transforms import build_transform
-from florence.data.video import VIDEO_SUFFIXES, decode_frames, video_info
+from florence.data.video_decode import VIDEO_SUFFIXES, decode_frames, video_info
 
 __all__ = ["POOLINGS", "segment_centre_indices", "pool_frame_embeddings", "first_hit_ranks", "median_rank",
            "video_text_metrics", "trivial_video_metrics", "load_video_captions", "evaluate_video_retrieval"]

@@ -80,7 +80,7 @@ SHIFT_MASK_VALUE = -100.0  # Swin masks cross-region pairs with -100, not -inf
 WINDOW_PADS = ("before_shift", "after_shift")
 
 __all__ = [
-    "CoSwin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
+    "CoSwin", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
     "window_order", "relative_position_index", "shift_attention_mask",
 ]
 
@@ -480,8 +480,60 @@ class SwinStage(nn.Module):
 # model
 
 
+class SwinTowerMixin:
+    """What the 2D and the video Swin towers share: the attention switch, activation checkpointing, the parameters
+    without weight decay, timm's layer grouping and the FSDP units (``self.layers``: stages with ``blocks``)."""
+
+    _fused_attn: bool
+    layers: nn.Sequential
+
+    @property
+    def fused_attn(self) -> bool:
+        """True: attention through ``F.scaled_dot_product_attention``; False: eager reference. Settable."""
+        return self._fused_attn
+
+    @fused_attn.setter
+    def fused_attn(self, value: bool) -> None:
+        self.set_fused_attn(value)
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        self._fused_attn = bool(enable)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.fused_attn = bool(enable)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the relative-position bias tables (trained without weight decay, as Swin)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise decay, timm's Swin definition.
+
+        ``stem`` = ``patch_embed`` (Swin's patch embedding or CoSwin's conv stem); blocks by (stage, block), a
+        stage's downsampling (patch merging or conv embedding) grouped with its first block, the final norm (and
+        ``norm{i}`` output norms) last; ``coarse=True`` groups by stage. The classifier is left unmatched, i.e. last.
+        """
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+).downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    def fsdp_wrap_modules(self) -> list[nn.Module]:
+        """FSDP2 units: the Swin blocks (each stage's embedding stays with the root unit)."""
+        return [block for stage in self.layers for block in stage.blocks]
+
+
 @register_architecture("image_tower")
-class CoSwin(BundleMixin, nn.Module):
+class CoSwin(BundleMixin, SwinTowerMixin, nn.Module):
     """CoSwin / Swin image tower with timm's backbone contract (module docstring); ``forward`` gives ``(B, 8C)``.
 
     Args:
@@ -610,52 +662,6 @@ class CoSwin(BundleMixin, nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, WindowAttention):
             nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
-
-    # -- switches ----------------------------------------------------------------------------------------------
-
-    @property
-    def fused_attn(self) -> bool:
-        """True: attention through ``F.scaled_dot_product_attention``; False: eager reference. Settable."""
-        return self._fused_attn
-
-    @fused_attn.setter
-    def fused_attn(self, value: bool) -> None:
-        self.set_fused_attn(value)
-
-    def set_fused_attn(self, enable: bool = True) -> None:
-        self._fused_attn = bool(enable)
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.fused_attn = bool(enable)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (saves memory, costs one more forward)."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of the relative-position bias tables (trained without weight decay, as Swin)."""
-        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """Parameter groups for layer-wise decay, timm's Swin definition.
-
-        ``stem`` = ``patch_embed`` (Swin's patch embedding or CoSwin's conv stem); blocks by (stage, block), a
-        stage's downsampling (patch merging or conv embedding) grouped with its first block, the final norm (and
-        ``norm{i}`` output norms) last; ``coarse=True`` groups by stage. The classifier is left unmatched, i.e. last.
-        """
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+).downsample", (0,)),
-                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    def fsdp_wrap_modules(self) -> list[nn.Module]:
-        """FSDP2 units: the Swin blocks (each stage's embedding stays with the root unit)."""
-        return [block for stage in self.layers for block in stage.blocks]
 
     # -- weights -----------------------------------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from florence.backbone.coswin import (
-    IMAGENET_MEAN, IMAGENET_STD, SHIFT_MASK_VALUE, CoSwin, PatchMerging, TokenOrder, WindowAttention, permute_tokens,
+    IMAGENET_MEAN, IMAGENET_STD, SHIFT_MASK_VALUE, CoSwin, PatchMerging, SwinTowerMixin, TokenOrder, WindowAttention,
+    permute_tokens,
 )
 from florence.backbone.video_inflate import load_video_tower_weights
 from florence.bundle import BundleMixin
@@ -311,7 +312,7 @@ class VideoHead(nn.Module):
 
 
 @register_architecture("video_tower")
-class VideoCoSwin(BundleMixin, nn.Module):
+class VideoCoSwin(BundleMixin, SwinTowerMixin, nn.Module):
     """Video CoSwin / Video Swin (module docstring); ``forward`` gives the pooled ``(B, 8C)`` or logits.
 
     Args:
@@ -390,41 +391,6 @@ class VideoCoSwin(BundleMixin, nn.Module):
         self.apply(CoSwin._init_weights)
         self.head = VideoHead(self.num_features, num_classes, drop_rate)
         self.head.apply(CoSwin._init_weights)
-
-    # -- switches ----------------------------------------------------------------------------------------------
-
-    @property
-    def fused_attn(self) -> bool:
-        return self._fused_attn
-
-    @fused_attn.setter
-    def fused_attn(self, value: bool) -> None:
-        self._fused_attn = bool(value)
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.fused_attn = bool(value)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """The relative-position bias tables (no weight decay, as Video Swin)."""
-        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias_table")}
-
-    def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's Swin grouping (as the 2D tower), for layer-wise LR decay."""
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [
-                (r"^layers\.(\d+).downsample", (0,)),
-                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    def fsdp_wrap_modules(self) -> list[nn.Module]:
-        return [block for stage in self.layers for block in stage.blocks]
 
     # -- weights -----------------------------------------------------------------------------------------------
 

@@ -97,17 +97,18 @@ def inflate_state_dict(model: "VideoCoSwin", state: Mapping[str, torch.Tensor]) 
     report.skipped = sorted(k for k in state if k.endswith(_BUFFERS))
     state = {k: v for k, v in state.items() if not k.endswith(_BUFFERS)}
     head_fits = all(k in own and own[k].shape == v.shape for k, v in state.items() if k.startswith("head."))
+    stem = state.get("patch_embed.proj.weight")
+    # a Swin source (4x4 patch embedding, patch merging) into conv embeddings: the whole embedding starts fresh
+    swin_into_conv = model.embed == "conv" and stem is not None and \
+        stem.shape[-1] != own["patch_embed.proj.weight"].shape[-1]
     loadable: dict[str, torch.Tensor] = {}
     inflated = []
     for k, v in state.items():
-        if k.startswith("head.") and not head_fits:
+        if (k.startswith("head.") and not head_fits) or (swin_into_conv and _EMBED_KEY.match(k)):
             report.skipped.append(k)
             continue
         if k not in own:
-            if _EMBED_KEY.match(k) and model.embed == "conv":  # a Swin embedding: nothing to inflate it into
-                report.skipped.append(k)
-            else:
-                report.unexpected.append(k)
+            report.unexpected.append(k)
             continue
         target = own[k]
         if k.endswith("relative_position_bias_table") and v.shape != target.shape:
@@ -119,15 +120,12 @@ def inflate_state_dict(model: "VideoCoSwin", state: Mapping[str, torch.Tensor]) 
         elif v.ndim == 4 and target.ndim == 5 and v.shape[-2:] == target.shape[-2:]:
             v = inflate_conv(v, target.shape[2])
             inflated.append(k)
-        elif _EMBED_KEY.match(k) and v.shape != target.shape and model.embed == "conv":
-            report.skipped.append(k)  # a Swin patch embedding / merging into conv embeddings
-            continue
         if v.shape != target.shape:
             report.unexpected.append(f"{k} {tuple(v.shape)} vs {tuple(target.shape)}")
             continue
         loadable[k] = v.to(target.dtype)
-    fresh = [k for k in own if k not in loadable and (k.startswith("head.") or
-                                                      (_EMBED_KEY.match(k) and model.embed == "conv"))]
+    fresh = [k for k in own
+             if k not in loadable and (k.startswith("head.") or (swin_into_conv and _EMBED_KEY.match(k)))]
     report.newly_initialized = sorted(fresh)
     report.missing = sorted(k for k in own if k not in loadable and k not in fresh)
     report.loaded = sorted(loadable)

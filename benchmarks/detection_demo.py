@@ -15,16 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
 from florence.benchmarks import detect, detection_canvas, detection_cli
-from florence.engine import train
-
-
-def packaged_config(*parts: str) -> Path:
-    return Path(str(resources.files("florence.configs").joinpath(*parts)))
+from florence.benchmarks.demo_steps import Steps, ensure_unicl_bundle, finetune, packaged_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,37 +34,26 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     canvases, run_dir, results = workdir / "canvases", workdir / "finetune", workdir / "results"
-    start = time.perf_counter()
-
-    def step(title: str) -> None:
-        print(f"\n== [{time.perf_counter() - start:7.1f}s] {title}", flush=True)
+    step = Steps()
 
     step(f"canvases: {args.train_canvases} train / {args.test_canvases} test in {canvases}")
     detection_canvas.main(["--out", str(canvases), "--train", str(args.train_canvases),
                            "--test", str(args.test_canvases)])
     backbone = Path(args.backbone)
-    if not (backbone / "manifest.json").is_file():
-        step(f"no UniCL bundle at {backbone}: pre-training it first (as `florence demo`)")
-        code = train.main([str(packaged_config("pretrain", "fashion_mnist.yaml")), f"output.dir={backbone.parent}",
-                           "eval.at_end=false"])
-        if code:
-            return code
+    if code := ensure_unicl_bundle(backbone, step):
+        return code
     bundle = run_dir / "final"
-    if (bundle / "manifest.json").is_file():
-        step(f"fine-tuning: reusing the finished run in {run_dir}")
-    else:
-        step("fine-tuning the DyHead / ATSS detector on the training canvases")
-        annotations = canvases / "annotations"
-        config = args.config or str(packaged_config("detection", "fashion_mnist_dyhead.yaml"))
-        code = train.main([config, f"output.dir={run_dir}",
-                           f"model.backbone={backbone}",
-                           f"data.annotations={annotations / 'instances_train.json'}",
-                           f"data.images={canvases / 'train'}",
-                           f"eval.source.annotations={annotations / 'instances_test.json'}",
-                           f"eval.source.images={canvases / 'test'}", "eval.at_end=false", *args.overrides])
-        if code:
-            return code
-    trained_at = time.perf_counter() - start
+    annotations = canvases / "annotations"
+    config = args.config or str(packaged_config("detection", "fashion_mnist_dyhead.yaml"))
+    if code := finetune(config, run_dir, [f"model.backbone={backbone}",
+                                          f"data.annotations={annotations / 'instances_train.json'}",
+                                          f"data.images={canvases / 'train'}",
+                                          f"eval.source.annotations={annotations / 'instances_test.json'}",
+                                          f"eval.source.images={canvases / 'test'}", "eval.at_end=false",
+                                          *args.overrides], "the DyHead / ATSS detector on the training canvases",
+                        step):
+        return code
+    trained_at = step.elapsed()
     step("COCO evaluation on the test canvases")
     if code := detection_cli.main(["--model", str(bundle), "--annotations",
                                    str(canvases / "annotations" / "instances_test.json"),
@@ -82,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if code := detect.main(["--model", str(bundle), *map(str, samples), "--output", str(results / "pictures")]):
         return code
     metrics = json.loads((results / "detection_fashion_mnist_canvases.json").read_text())["metrics"]
-    print(f"\n== detection demo finished in {time.perf_counter() - start:.0f}s (through fine-tuning "
+    print(f"\n== detection demo finished in {step.elapsed():.0f}s (through fine-tuning "
           f"{trained_at:.0f}s)")
     print(f"  test canvases: AP {metrics['AP']:.3f}, AP50 {metrics['AP50']:.3f}, AP75 {metrics['AP75']:.3f}")
     print(f"  detector bundle: {bundle}")

@@ -35,8 +35,8 @@ from florence.benchmarks.draw_video import frame_strip_png
 from florence.benchmarks.plots import confusion_matrix_png
 from florence.bundle import bundle_sha256, from_pretrained, sha256_file
 from florence.data.eval_loader import format_bad_report
-from florence.data.video import VideoList, decode_frames, read_video_annotations, sample_clip_indices, \
-    video_eval_loader, video_info
+from florence.data.video import VideoList, read_video_annotations, sample_clip_indices, video_eval_loader
+from florence.data.video_decode import decode_frames, video_info
 from florence.engine.metrics import library_versions
 from florence.errors import FlorenceError
 

@@ -17,16 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
 from florence.benchmarks import moving_fmnist, video_cli, video_retrieval_cli
-from florence.engine import train
-
-
-def packaged_config(*parts: str) -> Path:
-    return Path(str(resources.files("florence.configs").joinpath(*parts)))
+from florence.benchmarks.demo_steps import Steps, ensure_unicl_bundle, finetune, packaged_config
 
 
 def data_overrides(data: Path) -> list[str]:
@@ -50,22 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     data, results = workdir / "data", workdir / "results"
-    start = time.perf_counter()
-
-    def step(title: str) -> None:
-        print(f"\n== [{time.perf_counter() - start:7.1f}s] {title}", flush=True)
+    step = Steps()
 
     step(f"data: {args.train_videos} train / {args.test_videos} test clips in {data}")
     if code := moving_fmnist.main(["--out", str(data), "--train", str(args.train_videos),
                                    "--test", str(args.test_videos)]):
         return code
     backbone = Path(args.backbone)
-    if not (backbone / "manifest.json").is_file():
-        step(f"no UniCL bundle at {backbone}: pre-training it first (as `florence demo`)")
-        code = train.main([str(packaged_config("pretrain", "fashion_mnist.yaml")), f"output.dir={backbone.parent}",
-                           "eval.at_end=false"])
-        if code:
-            return code
+    if code := ensure_unicl_bundle(backbone, step):
+        return code
     config = args.config or str(packaged_config("video", "moving_fashion_mnist.yaml"))
     runs = {"video_coswin": ([], "Video CoSwin (inflated)")}
     if args.baseline:
@@ -74,14 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (extra, title) in runs.items():
         run_dir = workdir / f"finetune_{name}"
         bundle = run_dir / "final"
-        if (bundle / "manifest.json").is_file():
-            step(f"{title}: reusing the finished run in {run_dir}")
-        else:
-            step(f"{title}: fine-tuning on the training clips")
-            code = train.main([config, f"output.dir={run_dir}", f"model.backbone={backbone}", *data_overrides(data),
-                               "eval.at_end=false", *args.overrides, *extra])
-            if code:
-                return code
+        if code := finetune(config, run_dir, [f"model.backbone={backbone}", *data_overrides(data), "eval.at_end=false",
+                                              *args.overrides, *extra], title, step):
+            return code
         for clips, crops in ((4, 3), (1, 1)):
             step(f"{title}: {clips}x{crops}-view test")
             result_name = f"moving_fmnist_{name}_{clips}x{crops}"
@@ -105,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "--name", "moving_fmnist_test"]):
         return code
 
-    print(f"\n== video demo finished in {time.perf_counter() - start:.0f}s")
+    print(f"\n== video demo finished in {step.elapsed():.0f}s")
     for title, metrics in figures.items():
         print(f"  {title}: top-1 {100 * metrics['top1']:.2f}%, mean per class {100 * metrics['mean_per_class']:.2f}%")
     print(f"  results and pictures: {results}")

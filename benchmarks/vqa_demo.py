@@ -17,17 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from importlib import resources
 from pathlib import Path
 
 from florence.benchmarks import vqa_canvas, vqa_cli, vqa_predict
+from florence.benchmarks.demo_steps import Steps, ensure_unicl_bundle, finetune, packaged_config
 from florence.data.vqa import VQADataset
-from florence.engine import train
-
-
-def packaged_config(*parts: str) -> Path:
-    return Path(str(resources.files("florence.configs").joinpath(*parts)))
 
 
 def data_overrides(data: Path) -> list[str]:
@@ -55,22 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir)
     data, results = workdir / "data", workdir / "results"
-    start = time.perf_counter()
-
-    def step(title: str) -> None:
-        print(f"\n== [{time.perf_counter() - start:7.1f}s] {title}", flush=True)
+    step = Steps()
 
     step(f"data: {args.train_images} train / {args.test_images} test canvases in {data}")
     if code := vqa_canvas.main(["--out", str(data), "--train-images", str(args.train_images),
                                 "--test-images", str(args.test_images)]):
         return code
     backbone = Path(args.backbone)
-    if not (backbone / "manifest.json").is_file():
-        step(f"no UniCL bundle at {backbone}: pre-training it first (as `florence demo`)")
-        code = train.main([str(packaged_config("pretrain", "fashion_mnist.yaml")), f"output.dir={backbone.parent}",
-                           "eval.at_end=false"])
-        if code:
-            return code
+    if code := ensure_unicl_bundle(backbone, step):
+        return code
     config = args.config or str(packaged_config("vqa", "fashion_mnist_meter.yaml"))
     runs = {"meter": ([], "co-attention (METER)")}
     if args.baseline:
@@ -79,14 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (extra, title) in runs.items():
         run_dir = workdir / f"finetune_{name}"
         bundle = run_dir / "final"
-        if (bundle / "manifest.json").is_file():
-            step(f"{title}: reusing the finished run in {run_dir}")
-        else:
-            step(f"{title}: fine-tuning on the training questions")
-            code = train.main([config, f"output.dir={run_dir}", f"model.backbone={backbone}", *data_overrides(data),
-                               "eval.at_end=false", *args.overrides, *extra])
-            if code:
-                return code
+        if code := finetune(config, run_dir, [f"model.backbone={backbone}", *data_overrides(data), "eval.at_end=false",
+                                              *args.overrides, *extra], title, step):
+            return code
         step(f"{title}: official VQA accuracy on the test questions")
         if code := vqa_cli.main(["--model", str(bundle),
                                  "--questions", str(data / "v2_OpenEnded_fmnist_test_questions.json"),
@@ -102,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                                  first.question(0)]):
         return code
 
-    print(f"\n== VQA demo finished in {time.perf_counter() - start:.0f}s")
+    print(f"\n== VQA demo finished in {step.elapsed():.0f}s")
     for title, metrics in figures.items():
         types = metrics["perAnswerType"]
         print(f"  {title}: overall {metrics['overall']:.2f}, yes/no {types.get('yes/no', float('nan')):.2f}, "

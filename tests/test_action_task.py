@@ -14,6 +14,7 @@ import florence
 from florence.adapters.action_eval import evaluate_action
 from florence.adapters.video_classifier import VideoClassifier, build_video_classifier
 from florence.benchmarks import moving_fmnist, report, video_cli
+from florence.benchmarks.demo_steps import packaged_config
 from florence.benchmarks.paper import reference_rows
 from florence.data.video import read_video_annotations, video_eval_loader
 from florence.engine import train
@@ -158,8 +159,7 @@ def test_config_errors_name_the_key(tmp_path, clips, tower_2d):
 
 
 def test_packaged_recipe_is_valid():
-    path = Path(florence.__file__).parent.parent / "configs" / "video" / "moving_fashion_mnist.yaml"
-    cfg = load_config(path)
+    cfg = load_config(packaged_config("video", "moving_fashion_mnist.yaml"))
     task = train.resolve_task(cfg)
     assert task.options.clip_len == 8 and cfg.data["augment"]["hflip"] == 0.0
     task.validate_data()

