@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or str(packaged_config("video", "moving_fashion_mnist.yaml"))
     runs = {"video_coswin": ([], "Video CoSwin (inflated)")}
     if args.baseline:
-        runs["frames_2d"] = (["task.frames=true"], "2D tower per frame (baseline)")
+        # the 2D tower keeps its own windows: the recipe's video-tower overrides do not apply to it
+        runs["frames_2d"] = (["task.frames=true", "model.overrides={}"], "2D tower per frame (baseline)")
     figures = {}
     for name, (extra, title) in runs.items():
         run_dir = workdir / f"finetune_{name}"

@@ -13,12 +13,13 @@ import yaml
 import florence
 from florence.adapters.action_eval import evaluate_action
 from florence.adapters.video_classifier import VideoClassifier, build_video_classifier
-from florence.benchmarks import moving_fmnist, report, video_cli
+from florence.benchmarks import detection_canvas, moving_fmnist, report, video_cli, video_demo
 from florence.benchmarks.demo_steps import packaged_config
 from florence.benchmarks.paper import reference_rows
 from florence.data.video import read_video_annotations, video_eval_loader
 from florence.engine import train
 from florence.engine.config import ConfigError, load_config
+from florence.tokenizer import train_bpe_tokenizer
 
 TOWER = {"window_size": [2, 8, 8]}
 
@@ -171,3 +172,26 @@ def test_report_places_kinetics_results_beside_table_10():
     assert reference_rows("action", "moving_fmnist", "top1") == []
     assert reference_rows("video-retrieval", "msrvtt_1ka", "text_to_video_R@1")[0] == ("Florence", 37.6)
     assert reference_rows("video-retrieval", "moving_fmnist", "text_to_video_R@1") == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(detection_canvas.FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="needs the Debian package dataset-fashion-mnist")
+def test_video_demo_end_to_end_tiny(tmp_path, capsys):
+    train_bpe_tokenizer(["a video of a Sandal", "a photo of a Bag."] * 5, tmp_path / "tok", vocab_size=300,
+                        min_frequency=1)
+    torch.manual_seed(0)
+    dual = florence.create_model("unicl_test", tokenizer=str(tmp_path / "tok")).save_pretrained(tmp_path / "dual")
+    code = video_demo.main(["--workdir", str(tmp_path / "demo"), "--backbone", str(dual), "--baseline",
+                            "--train-videos", "8", "--test-videos", "4", "schedule.steps=2", "optim.batch_size=4",
+                            "checkpoint.every_steps=1000", "eval.batch_size=12"])
+    assert code == 0
+    results = tmp_path / "demo" / "results"
+    for name in ("video_coswin", "frames_2d"):
+        for views in ("4x3", "1x1"):
+            result = json.loads((results / f"action_moving_fmnist_{name}_{views}.json").read_text())
+            assert result["data"]["evaluated"] == 4
+    assert florence.from_pretrained(tmp_path / "demo" / "finetune_frames_2d" / "final").frames_mode
+    assert (results / "video_retrieval_moving_fmnist_test.json").is_file()
+    assert len(list((results / "strips").glob("*.png"))) == 3
+    assert "video demo finished" in capsys.readouterr().out

@@ -10,9 +10,16 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import florence
 from florence.adapters import video_retrieval as vr
+from florence.benchmarks import video_retrieval_cli as cli
+from florence.bundle import bundle_sha256
+from florence.data.bad_samples import BadSampleError
 from florence.data.errors import DataFileError, DataNotFound
+from florence.data.transforms import build_transform
+from florence.tokenizer import train_bpe_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -200,9 +207,6 @@ def _clip(colour):
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """4 colour videos (red and yellow share a caption), a bundle of a fresh ``unicl_test`` dual encoder."""
-    import florence
-    from florence.tokenizer import train_bpe_tokenizer
-
     root = tmp_path_factory.mktemp("videos")
     names = list(COLOURS)
     for name in names:
@@ -217,9 +221,7 @@ def clips(tmp_path_factory):
 def _independent_similarity(model, videos, captions):
     """Every frame decoded by a plain PyAV loop, frames 0 2 3 5 6 8 9 11 (centres of 8 segments of 12, by hand),
     ``encode_image`` per frame, unit frames averaged and normalised; captions by ``encode_text``."""
-    from PIL import Image
 
-    from florence.data.transforms import build_transform
 
     transform = build_transform(dict(model.preprocess), train=False)
     embeds = []
@@ -238,7 +240,6 @@ def _independent_similarity(model, videos, captions):
 
 
 def test_evaluate_matches_an_independent_path(clips):
-    import florence
 
     model = florence.from_pretrained(clips["bundle"])
     out = vr.evaluate_video_retrieval(model, clips["videos"], clips["captions"], np.arange(4), num_frames=8,
@@ -259,8 +260,6 @@ def test_evaluate_matches_an_independent_path(clips):
 
 
 def test_bad_videos_are_counted_skips_with_their_captions(clips, tmp_path):
-    import florence
-    from florence.data.bad_samples import BadSampleError
 
     corrupt, empty, missing = tmp_path / "corrupt.mp4", tmp_path / "empty.mp4", tmp_path / "missing.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
@@ -289,8 +288,6 @@ def test_bad_videos_are_counted_skips_with_their_captions(clips, tmp_path):
 
 
 def test_cli_writes_the_result_json(clips, tmp_path, capsys):
-    from florence.benchmarks import video_retrieval_cli as cli
-    from florence.bundle import bundle_sha256
 
     folder = tmp_path / "mfmnist"
     folder.mkdir()
@@ -334,7 +331,6 @@ def test_cli_writes_the_result_json(clips, tmp_path, capsys):
     (["--captions", "BAD.csv"], "BAD.csv: the header needs"),
 ])
 def test_cli_user_errors_are_one_line(clips, tmp_path, capsys, extra, message):
-    from florence.benchmarks import video_retrieval_cli as cli
 
     (tmp_path / "BAD.csv").write_text("clip,text\nx,y\n")
     (tmp_path / "ok.csv").write_text("video,caption\nred.mp4,a red video\n")
