@@ -91,7 +91,7 @@ from florence.data.images import BadSample, decode_image
 from florence.data.json_columns import Strings, column, duplicate_id, int_column, lookup, object_list
 from florence.data.loader import TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
-from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _is_int, _number, _optional, _path
+from florence.data.schema import STREAM_SCHEMA, Check, _bool, _check_keys, _int, _is_int, _number, _optional, _path
 
 logger = logging.getLogger("florence.data")
 
@@ -550,11 +550,9 @@ def _class_subset(v: Any) -> str | None:
 
 
 DETECTION_SCHEMA: dict[str, Check] = {
+    **STREAM_SCHEMA,
     "annotations": _path,
     "images": _path,
-    "batch_size": _int(1),
-    "seed": _int(0),
-    "num_workers": _int(0),
     "scale": _scale_pair,
     "scales": _scale_list,
     "short_range": _short_range,
@@ -563,12 +561,7 @@ DETECTION_SCHEMA: dict[str, Check] = {
     "filter_empty": _bool,
     "class_subset": _class_subset,
     "class_agnostic": _bool,
-    "on_bad_sample": _choice("skip", "raise"),
     "max_images": _optional(_int(1)),
-    "max_bad_retries": _int(0),
-    "pin_memory": _bool,
-    "prefetch_factor": _optional(_int(1)),
-    "run_dir": _optional(_path),
 }
 
 

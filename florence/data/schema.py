@@ -87,18 +87,26 @@ def _randaugment(v: Any) -> str | None:
         "expected a timm RandAugment spec such as rand-m9-mstd0.5, or null"
 
 
-CONFIG_SCHEMA: dict[str, Check] = {
-    "sources": lambda v: None if isinstance(v, (list, tuple)) and v else "expected a non-empty list of sources",
+def _augment(v: Any) -> str | None:
+    return None if v is None or isinstance(v, dict) else "expected a mapping of augmentation keys"
+
+
+# the keys every training stream takes (image-label / caption, detection, VQA, video); each adds its own
+STREAM_SCHEMA: dict[str, Check] = {
     "batch_size": _int(1),
-    "num_workers": _int(0),
     "seed": _int(0),
+    "num_workers": _int(0),
     "on_bad_sample": _choice("skip", "raise"),
-    "samples_per_epoch": _optional(_int(1)),
     "max_bad_retries": _int(0),
-    "augment": lambda v: None if v is None or isinstance(v, dict) else "expected a mapping of augmentation keys",
-    "run_dir": _optional(_path),
     "pin_memory": _bool,
     "prefetch_factor": _optional(_int(1)),
+    "run_dir": _optional(_path),
+}
+CONFIG_SCHEMA: dict[str, Check] = {
+    **STREAM_SCHEMA,
+    "sources": lambda v: None if isinstance(v, (list, tuple)) and v else "expected a non-empty list of sources",
+    "samples_per_epoch": _optional(_int(1)),
+    "augment": _augment,
 }
 AUGMENT_SCHEMA: dict[str, Check] = {
     "randaugment": _randaugment,

@@ -81,8 +81,8 @@ from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample
 from florence.data.loader import TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
-from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _number, _optional, _path, _range_pair, \
-    _randaugment, _text
+from florence.data.schema import STREAM_SCHEMA, Check, _augment, _check_keys, _choice, _int, _number, _optional, \
+    _path, _range_pair, _randaugment, _text
 from florence.data.video_decode import VIDEO_SUFFIXES, VideoReader
 from florence.data.video_transforms import VideoTestTransform, clip_size, video_test_transform, video_train_transform
 
@@ -635,23 +635,17 @@ VIDEO_AUGMENT_SCHEMA: dict[str, Check] = {
     "rand_augment": _randaugment,
 }
 VIDEO_DATA_SCHEMA: dict[str, Check] = {
+    **STREAM_SCHEMA,
     "sources": _sources,
-    "batch_size": _int(1),
-    "seed": _int(0),
-    "num_workers": _int(0),
     "samples_per_epoch": _optional(_int(1)),
     "clip_len": _optional(_int(1)),
     "frame_interval": _optional(_int(1)),
     "out_of_bound": _choice(*OUT_OF_BOUND),
-    "augment": lambda v: None if v is None or isinstance(v, dict) else "expected a mapping of augmentation keys",
+    "augment": _augment,
     "decode_threads": _int(0),
     "cache_videos": _int(0),
-    "on_bad_sample": _choice("skip", "raise"),
-    "max_bad_retries": _int(0),
-    "pin_memory": _bool,
-    "prefetch_factor": _optional(_int(1)),
-    "run_dir": _optional(_path),
 }
+
 
 def validate_video_data(data: Any, key: str = "data") -> None:
     """Check a video ``data:`` section (module docstring) without reading any data; raises
@@ -670,6 +664,6 @@ def validate_video_data(data: Any, key: str = "data") -> None:
     _check_keys(data.get("augment") or {}, VIDEO_AUGMENT_SCHEMA, f"{key}.augment")
 
 
-__all__ = ["sample_clip_indices", "raw_clip_indices", "bound_indices", "VideoList", "read_class_names", "read_video_annotations",
-           "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader", "VideoEvalLoader",
-           "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]
+__all__ = ["sample_clip_indices", "raw_clip_indices", "bound_indices", "VideoList", "read_class_names",
+           "read_video_annotations", "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader",
+           "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]

@@ -105,7 +105,7 @@ from florence.data.images import BadSample, decode_image, to_rgb
 from florence.data.json_columns import Strings, duplicate_id, int_column, object_list
 from florence.data.loader import TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
-from florence.data.schema import Check, _bool, _check_keys, _choice, _int, _optional, _path, _text
+from florence.data.schema import STREAM_SCHEMA, Check, _check_keys, _choice, _int, _optional, _path, _text
 from florence.data.vqa_answers import normalize_answer
 
 logger = logging.getLogger("florence.data")
@@ -682,17 +682,10 @@ VQA_SOURCE_SCHEMA: dict[str, Check] = {
     "name": _text,
 }
 VQA_DATA_SCHEMA: dict[str, Check] = {
+    **STREAM_SCHEMA,
     "sources": _sources,
-    "batch_size": _int(1),
-    "seed": _int(0),
-    "num_workers": _int(0),
     "max_questions": _optional(_int(1)),
     "samples_per_epoch": _optional(_int(1)),
-    "on_bad_sample": _choice("skip", "raise"),
-    "max_bad_retries": _int(0),
-    "pin_memory": _bool,
-    "prefetch_factor": _optional(_int(1)),
-    "run_dir": _optional(_path),
 }
 
 
