@@ -80,7 +80,7 @@ SHIFT_MASK_VALUE = -100.0  # Swin masks cross-region pairs with -100, not -inf
 WINDOW_PADS = ("before_shift", "after_shift")
 
 __all__ = [
-    "CoSwin", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
+    "CoSwin", "SwinBlock", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
     "window_order", "relative_position_index", "shift_attention_mask",
 ]
 
@@ -348,22 +348,22 @@ class SwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def _attention(self, x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
-        B, H, W, C = x.shape
-        Hp, Wp = geo.padded
-        if (Hp, Wp) != (H, W):
-            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))  # B, Hp, Wp, C (zeros after norm1, as Swin-Det and timm)
+        B, *size, C = x.shape  # (B, H, W, C), or (B, D, H, W, C) in the video tower (its 3D geometry)
+        size, padded = tuple(size), tuple(geo.padded)
+        if padded != size:  # zeros at the end of each axis, after norm1 (Swin-Det, timm, Video Swin)
+            x = F.pad(x, [0, 0] + [n for s, p in zip(reversed(size), reversed(padded)) for n in (0, p - s)])
         shifted = self.shifted and geo.shifted is not None
         perm = geo.shifted if shifted else geo.regular
-        N = geo.window[0] * geo.window[1]
-        windows = permute_tokens(x.reshape(B, Hp * Wp, C), perm.order, perm.inverse)  # B, nW*N, C (roll+partition)
+        L, N = math.prod(padded), math.prod(geo.window)
+        windows = permute_tokens(x.reshape(B, L, C), perm.order, perm.inverse)  # B, nW*N, C (roll+partition)
         windows = self.attn(windows.view(-1, N, C), geo.rel_index, geo.shift_mask if shifted else None)
-        x = permute_tokens(windows.view(B, Hp * Wp, C), perm.inverse, perm.order).view(B, Hp, Wp, C)
-        if (Hp, Wp) != (H, W):
-            x = x[:, :H, :W]
+        x = permute_tokens(windows.view(B, L, C), perm.inverse, perm.order).view(B, *padded, C)
+        if padded != size:
+            x = x[(slice(None), *(slice(0, s) for s in size))]
         return x
 
     def forward(self, x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
-        """``x (B, H, W, C)`` -> ``(B, H, W, C)``."""
+        """``x (B, H, W, C)`` -> ``(B, H, W, C)`` (``(B, D, H, W, C)`` with a 3D window and geometry)."""
         x = x + self.drop_path1(self._attention(self.norm1(x), geo))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 

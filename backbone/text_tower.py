@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, AutoModel
 
 # Config entries that describe where/when a config was produced, not the architecture.
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
@@ -36,8 +37,6 @@ def text_positions(config) -> int:
 
 def hf_config_from_dict(config: dict[str, Any]):
     """A transformers ``PretrainedConfig`` from a plain dict with a ``model_type`` key (e.g. "roberta", "bert")."""
-    from transformers import CONFIG_MAPPING
-
     if "model_type" not in config:
         raise KeyError(f"text config needs a 'model_type' key (e.g. 'roberta'); got keys {sorted(config)}")
     model_type = config["model_type"]
@@ -48,16 +47,12 @@ def hf_config_from_dict(config: dict[str, Any]):
 
 def encoder_from_config(hf_config: dict[str, Any]) -> nn.Module:
     """A randomly initialised transformers encoder (no pooler) from a config dict with ``model_type``."""
-    from transformers import AutoModel, MODEL_MAPPING
-
     config = hf_config_from_dict(hf_config)
     return AutoModel.from_config(config, **pooling_kwargs(MODEL_MAPPING[type(config)]))
 
 
 def encoder_from_pretrained(path: str | os.PathLike) -> nn.Module:
     """A transformers encoder (no pooler) from a local directory (``config.json`` + weights); never downloads."""
-    from transformers import AutoConfig, AutoModel, MODEL_MAPPING
-
     path = str(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"text tower: {path!r} has no config.json (expected a local transformers model "

@@ -38,13 +38,11 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from florence.backbone.coswin import (
-    IMAGENET_MEAN, IMAGENET_STD, SHIFT_MASK_VALUE, CoSwin, PatchMerging, SwinTowerMixin, TokenOrder, WindowAttention,
-    permute_tokens,
+    IMAGENET_MEAN, IMAGENET_STD, SHIFT_MASK_VALUE, CoSwin, PatchMerging, SwinBlock, SwinTowerMixin, TokenOrder,
 )
 from florence.backbone.video_inflate import load_video_tower_weights
 from florence.bundle import BundleMixin
@@ -168,42 +166,6 @@ def window_geometry_3d(size: Triple, window_size: Triple, device: torch.device |
 # layers
 
 
-class VideoSwinBlock(nn.Module):
-    """Pre-norm 3D Swin block: ``x + DropPath(3D W-MSA(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``."""
-
-    def __init__(self, dim: int, num_heads: int, window_size: Triple, shifted: bool, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 fused_attn: bool = True) -> None:
-        super().__init__()
-        self.shifted = shifted
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, proj_drop, fused_attn)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def _attention(self, x: torch.Tensor, geo: WindowGeometry3D) -> torch.Tensor:
-        B, D, H, W, C = x.shape
-        Dp, Hp, Wp = geo.padded
-        if (Dp, Hp, Wp) != (D, H, W):
-            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H, 0, Dp - D))  # zeros after norm1, as Video Swin
-        shifted = self.shifted and geo.shifted is not None
-        perm = geo.shifted if shifted else geo.regular
-        N = geo.window[0] * geo.window[1] * geo.window[2]
-        windows = permute_tokens(x.reshape(B, Dp * Hp * Wp, C), perm.order, perm.inverse)  # B, nW*N, C
-        windows = self.attn(windows.view(-1, N, C), geo.rel_index, geo.shift_mask if shifted else None)
-        x = permute_tokens(windows.view(B, Dp * Hp * Wp, C), perm.inverse, perm.order).view(B, Dp, Hp, Wp, C)
-        if (Dp, Hp, Wp) != (D, H, W):
-            x = x[:, :D, :H, :W]
-        return x
-
-    def forward(self, x: torch.Tensor, geo: WindowGeometry3D) -> torch.Tensor:
-        """``(B, D, H, W, C)`` -> same shape."""
-        x = x + self.drop_path1(self._attention(self.norm1(x), geo))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
 class ConvEmbed3D(nn.Module):
     """3D convolutional embedding + LayerNorm: ``(B, C, T, H, W)`` (stem) or channels-last ``(B, D, H, W, C)``
     (between stages) -> ``(B, D', H', W', out)``. The temporal padding ``kernel_t``'s ``padding[0]`` is applied
@@ -263,7 +225,7 @@ class VideoSwinStage(nn.Module):
 
     _CACHE_SIZE = 16
 
-    def __init__(self, downsample: nn.Module, blocks: list[VideoSwinBlock], window_size: Triple) -> None:
+    def __init__(self, downsample: nn.Module, blocks: list[SwinBlock], window_size: Triple) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
@@ -376,7 +338,7 @@ class VideoCoSwin(BundleMixin, SwinTowerMixin, nn.Module):
             else:
                 downsample = PatchMerging3D(dims[i - 1], dims[i])
             first = sum(depths[:i])
-            blocks = [VideoSwinBlock(dims[i], heads, windows[i], shifted=j % 2 == 1, mlp_ratio=mlp_ratio,
+            blocks = [SwinBlock(dims[i], heads, windows[i], shifted=j % 2 == 1, mlp_ratio=mlp_ratio,
                                      qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                                      drop_path=rates[first + j], fused_attn=fused_attn) for j in range(depth)]
             stages.append(VideoSwinStage(downsample, blocks, windows[i]))

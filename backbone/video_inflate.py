@@ -19,7 +19,8 @@ returns a :class:`~florence.weights.LoadReport`. Formats:
   ``SwinTransformer3D``; ``cls_head.fc_cls.*``). Its downsampling sits at the end of a stage (``layers.0.downsample``),
   ours at the start of the next; the classifier ``cls_head.fc_cls`` becomes ``head.fc`` (loaded when the class count
   matches); ``relative_position_index`` buffers are dropped.
-- ``"florence"``: our own layout.
+
+Our own layout loads through ``florence.load_weights`` (format ``"florence"``), as for every model.
 
 Strict (default): anything missing (other than deliberately fresh keys), unexpected or of the wrong shape raises a
 :class:`~florence.weights.WeightsError` naming the keys.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -38,13 +39,10 @@ from florence.backbone.convert import _BUFFERS, _EMBED_KEY, _strip_prefixes, mic
 from florence.bundle import from_pretrained
 from florence.weights import LoadReport, WeightsError, read_state_dict
 
-if TYPE_CHECKING:  # video_coswin.py imports this module for VideoCoSwin.load_foreign_weights
-    from florence.backbone.video_coswin import VideoCoSwin
-
 __all__ = ["load_video_tower_weights", "inflate_state_dict", "mmaction2_to_florence", "inflate_bias_table",
            "inflate_conv"]
 
-FORMATS = ("inflate", "inflate-microsoft", "mmaction2", "florence")
+FORMATS = ("inflate", "inflate-microsoft", "mmaction2")
 
 
 def inflate_conv(weight: torch.Tensor, frames: int) -> torch.Tensor:
@@ -89,7 +87,7 @@ def _read_2d(src, format: str) -> tuple[dict[str, torch.Tensor], list[str], str]
     return state, left_out, origin
 
 
-def inflate_state_dict(model: "VideoCoSwin", state: Mapping[str, torch.Tensor]) -> tuple[dict, LoadReport]:
+def inflate_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[dict, LoadReport]:
     """Map a 2D timm-layout state dict onto ``model``'s keys (module docstring); returns ``(loadable, report)`` where
     ``report.unexpected`` also lists shape mismatches."""
     own = model.state_dict()
@@ -135,7 +133,7 @@ def inflate_state_dict(model: "VideoCoSwin", state: Mapping[str, torch.Tensor]) 
     return loadable, report
 
 
-def load_video_tower_weights(model: "VideoCoSwin", src, *, format: str = "inflate", strict: bool = True) -> LoadReport:
+def load_video_tower_weights(model: nn.Module, src, *, format: str = "inflate", strict: bool = True) -> LoadReport:
     """Fill ``model`` from ``src`` in ``format`` (module docstring) and report it."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -145,8 +143,7 @@ def load_video_tower_weights(model: "VideoCoSwin", src, *, format: str = "inflat
         report.skipped = sorted(report.skipped + left_out)
     else:
         origin = src if not isinstance(src, Mapping) else "state dict"
-        raw = read_state_dict(src) if not isinstance(src, Mapping) else dict(src)
-        state = mmaction2_to_florence(raw) if format == "mmaction2" else dict(raw)
+        state = mmaction2_to_florence(read_state_dict(src) if not isinstance(src, Mapping) else dict(src))
         own = model.state_dict()
         loadable, report = {}, LoadReport()
         for k, v in state.items():
