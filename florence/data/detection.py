@@ -83,13 +83,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from florence.data.bad_samples import BadSampleError, BadSampleLog
+from florence.data.bad_samples import BadSampleLog
 from florence.data.detection_transforms import DetectionTransform, pad_images
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample, decode_image
 from florence.data.json_columns import Strings, column, duplicate_id, int_column, lookup, object_list
-from florence.data.loader import TrainLoader
+from florence.data.loader import RetryingDataset, TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import STREAM_SCHEMA, Check, _bool, _check_keys, _int, _is_int, _number, _optional, _path
 
@@ -485,30 +485,22 @@ def detection_inputs(images: Sequence[Image.Image | torch.Tensor], preprocess: d
 # --- training stream ----------------------------------------------------------------------------------------------
 
 
-class DetectionTrainDataset(Dataset):
-    """Map-style dataset keyed by the training stream's ``(source id, image index, sample seed)``; an unreadable
-    image is replaced by the next one (up to ``max_bad_retries`` times; counted and logged by ``bad``)."""
+class DetectionTrainDataset(RetryingDataset):
+    """The training stream's images (one source, ``coco``); an unreadable image is replaced by the next one
+    (:class:`~florence.data.loader.RetryingDataset`)."""
 
     def __init__(self, coco: CocoDetection, transform: DetectionTransform, bad: BadSampleLog, *,
                  max_bad_retries: int = 16):
-        self.coco = coco
+        super().__init__([coco], bad, max_bad_retries=max_bad_retries)
         self.transform = transform
-        self.bad = bad
-        self.max_bad_retries = int(max_bad_retries)
 
-    def __len__(self) -> int:
-        return len(self.coco)
+    @property
+    def coco(self) -> CocoDetection:
+        return self.sources[0]
 
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        _, index, seed = key
-        for attempt in range(self.max_bad_retries + 1):
-            try:  # the draws depend on the seed only, so a replacement looks the same in every run
-                return load_sample(self.coco, (index + attempt) % len(self.coco), self.transform,
-                                   np.random.default_rng(seed))
-            except BadSample as err:
-                self.bad.handle(err, source=self.coco.name)
-        raise BadSampleError(f"{self.coco.name}: {self.max_bad_retries + 1} unreadable images in a row from index "
-                             f"{index} (see the bad-sample log)")
+    def load(self, source_id: int, index: int, seed: int, attempt: int) -> dict[str, Any]:
+        # the draws depend on the seed only, so a replacement looks the same in every run
+        return load_sample(self.coco, index, self.transform, np.random.default_rng(seed))
 
 
 class DetectionTrainLoader(TrainLoader):

@@ -40,33 +40,48 @@ from florence.data.transforms import ImageTransform, build_transform, seeded_rng
 Tokenize = Callable[[list[str]], dict[str, torch.Tensor]]
 Sample = tuple[torch.Tensor, str, int]
 
-class TrainDataset(Dataset):
-    """Map-style dataset over several sources, indexed by ``(source id, local index, sample seed)`` keys (from
-    :class:`~florence.data.mixing.MixtureSampler`); returns ``(image (3,H,W), text, global label)``."""
+class RetryingDataset(Dataset):
+    """Map-style dataset over ``sources`` (each with ``len()`` and a ``name``), indexed by the training stream's
+    ``(source id, local index, sample seed)`` keys (:class:`~florence.data.mixing.MixtureSampler`).
 
-    def __init__(self, sources: Sequence, transform: ImageTransform, bad: BadSampleLog, *, max_bad_retries: int = 16):
+    A sample whose ``load`` raises :class:`BadSample` is replaced by the next one of its source, up to
+    ``max_bad_retries`` times (each counted and logged by ``bad``), so every batch keeps its size; then
+    :class:`BadSampleError`. Subclasses give ``load(source_id, index, seed, attempt)``; its random draws depend only on
+    ``seed`` (and ``attempt``), so a resumed run and a replacement sample look the same in every run."""
+
+    def __init__(self, sources: Sequence, bad: BadSampleLog, *, max_bad_retries: int = 16):
         self.sources = list(sources)
-        self.transform = transform
         self.bad = bad
         self.max_bad_retries = int(max_bad_retries)
-        self.offsets = label_offsets([s.kind for s in self.sources],
-                                     [getattr(s, "num_classes", None) for s in self.sources])
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> Sample:
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
         source_id, index, seed = key
         source = self.sources[source_id]
         for attempt in range(self.max_bad_retries + 1):
             try:
-                return self.load(source_id, (index + attempt) % len(source), seed)
+                return self.load(source_id, (index + attempt) % len(source), seed, attempt)
             except BadSample as err:
                 self.bad.handle(err, source=source.name)
         raise BadSampleError(f"source {source.name!r}: {self.max_bad_retries + 1} bad samples in a row from index "
                              f"{index} (see the bad-sample log)")
 
-    def load(self, source_id: int, index: int, seed: int) -> Sample:
+    def load(self, source_id: int, index: int, seed: int, attempt: int) -> Any:
+        raise NotImplementedError
+
+
+class TrainDataset(RetryingDataset):
+    """Image-label and image-text sources; returns ``(image (3,H,W), text, global label)``."""
+
+    def __init__(self, sources: Sequence, transform: ImageTransform, bad: BadSampleLog, *, max_bad_retries: int = 16):
+        super().__init__(sources, bad, max_bad_retries=max_bad_retries)
+        self.transform = transform
+        self.offsets = label_offsets([s.kind for s in self.sources],
+                                     [getattr(s, "num_classes", None) for s in self.sources])
+
+    def load(self, source_id: int, index: int, seed: int, attempt: int = 0) -> Sample:
         """One sample; template/synonym choice and the transform's random draws depend only on ``seed``."""
         raw = self.sources[source_id].get(index, text_rng(seed))
         with seeded_rngs(seed, numpy=self.transform.pil_only):

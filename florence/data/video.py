@@ -75,11 +75,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from florence.data.bad_samples import BadSampleError, BadSampleLog
+from florence.data.bad_samples import BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample
-from florence.data.loader import TrainLoader
+from florence.data.loader import RetryingDataset, TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import STREAM_SCHEMA, Check, _augment, _check_keys, _choice, _int, _number, _optional, \
     _path, _range_pair, _randaugment, _text
@@ -445,36 +445,21 @@ def collate_clips(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class VideoTrainDataset(Dataset):
-    """Map-style dataset keyed by the training stream's ``(source id, video index, sample seed)``; all of a clip's
-    random draws come from ``np.random.default_rng([seed, attempt])``. A bad video is replaced by the next one of
-    its source (up to ``max_bad_retries`` times; counted and logged by ``bad``)."""
+class VideoTrainDataset(RetryingDataset):
+    """The training stream's clips; all of a clip's random draws come from ``np.random.default_rng([seed,
+    attempt])``; a bad video is replaced by the next one of its source (:class:`~florence.data.loader.RetryingDataset`).
+    """
 
     def __init__(self, sources: Sequence[VideoList], sampler: _ClipSampler, transform, bad: BadSampleLog, *,
                  max_bad_retries: int = 16):
-        self.sources = list(sources)
+        super().__init__(sources, bad, max_bad_retries=max_bad_retries)
         self.sampler = sampler
         self.transform = transform
-        self.bad = bad
-        self.max_bad_retries = int(max_bad_retries)
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.sources)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        source_id, index, seed = key
-        source = self.sources[source_id]
-        for attempt in range(self.max_bad_retries + 1):
-            j = (index + attempt) % len(source)
-            rng = np.random.default_rng([seed, attempt])
-            try:
-                frames, looped = self.sampler(source.paths[j], rng)
-            except BadSample as err:
-                self.bad.handle(err, source=source.name)
-                continue
-            return {"video": self.transform(frames, rng), "label": int(source.labels[j]), "looped": looped}
-        raise BadSampleError(f"{source.name}: {self.max_bad_retries + 1} unreadable videos in a row from video "
-                             f"{index} (see the bad-sample log)")
+    def load(self, source_id: int, index: int, seed: int, attempt: int) -> dict[str, Any]:
+        source, rng = self.sources[source_id], np.random.default_rng([seed, attempt])
+        frames, looped = self.sampler(source.paths[index], rng)
+        return {"video": self.transform(frames, rng), "label": int(source.labels[index]), "looped": looped}
 
 
 class VideoTrainLoader(TrainLoader):

@@ -98,12 +98,12 @@ from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from florence.data.bad_samples import BadSampleError, BadSampleLog
+from florence.data.bad_samples import BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample, decode_image, to_rgb
 from florence.data.json_columns import Strings, duplicate_id, int_column, object_list
-from florence.data.loader import TrainLoader
+from florence.data.loader import RetryingDataset, TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import STREAM_SCHEMA, Check, _check_keys, _choice, _int, _optional, _path, _text
 from florence.data.vqa_answers import normalize_answer
@@ -613,30 +613,17 @@ class VQATargets:
                 "scores": self.scores[span]}
 
 
-class VQATrainDataset(Dataset):
-    """Map-style dataset keyed by the training stream's ``(source id, question index, sample seed)``; an unreadable
-    image is replaced by the next question's (up to ``max_bad_retries`` times; counted and logged by ``bad``)."""
+class VQATrainDataset(RetryingDataset):
+    """The training stream's questions; an unreadable image is replaced by the next question's
+    (:class:`~florence.data.loader.RetryingDataset`)."""
 
     def __init__(self, sources: Sequence[VQATargets], transform: VQATransform, bad: BadSampleLog, *,
                  max_bad_retries: int = 16):
-        self.sources = list(sources)
+        super().__init__(sources, bad, max_bad_retries=max_bad_retries)
         self.transform = transform
-        self.bad = bad
-        self.max_bad_retries = int(max_bad_retries)
 
-    def __len__(self) -> int:
-        return sum(len(s) for s in self.sources)
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        source_id, index, _ = key  # the transform draws nothing at random
-        source = self.sources[source_id]
-        for attempt in range(self.max_bad_retries + 1):
-            try:
-                return source.sample((index + attempt) % len(source), self.transform)
-            except BadSample as err:
-                self.bad.handle(err, source=source.name)
-        raise BadSampleError(f"{source.name}: {self.max_bad_retries + 1} unreadable images in a row from question "
-                             f"{index} (see the bad-sample log)")
+    def load(self, source_id: int, index: int, seed: int, attempt: int) -> dict[str, Any]:
+        return self.sources[source_id].sample(index, self.transform)  # the transform draws nothing at random
 
 
 class VQATrainLoader(TrainLoader):
