@@ -28,8 +28,8 @@ from torch import nn
 from florence.adapters.action_eval import evaluate_action
 from florence.adapters.video_classifier import VideoClassifier, build_video_classifier
 from florence.bundle import from_pretrained
-from florence.data.video import build_video_train_loader, read_video_annotations, validate_video_data, \
-    video_eval_loader
+from florence.data.video import build_video_train_loader, read_video_annotations, training_lists, \
+    validate_video_data, video_eval_loader
 from florence.engine.config import ConfigError
 from florence.engine.distributed import DistEnv
 from florence.engine.task import Task
@@ -70,6 +70,11 @@ class ActionTask(Task):
     Options = ActionOptions
     supports_grad_cache = True  # logits are per clip
 
+    def __init__(self, cfg, options: ActionOptions) -> None:
+        super().__init__(cfg, options)
+        self.lists = None  # the training annotations, read once: for the class names, then for the loader
+        self.eval_videos = None  # the evaluation annotations, read at the first evaluation
+
     def validate(self) -> None:
         m, o = self.cfg.model, self.options
         if m.config is not None or m.tokenizer or m.train_tokenizer_vocab or m.context_length:
@@ -96,11 +101,9 @@ class ActionTask(Task):
     # -- model --------------------------------------------------------------------------------------------------
 
     def class_names(self) -> list[str] | None:
-        sources = self.cfg.data["sources"]
-        if len(sources) != 1:
-            return None
-        s = sources[0]
-        return read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes")).class_names
+        """The class names of the single training source (None for several)."""
+        self.lists = training_lists(self.cfg.data)
+        return self.lists[0].class_names if len(self.lists) == 1 else None
 
     def build_model(self, env: DistEnv, run_dir: Path) -> nn.Module:
         m, o = self.cfg.model, self.options
@@ -125,7 +128,7 @@ class ActionTask(Task):
     def build_loader(self, model: nn.Module, env: DistEnv, run_dir: Path, micro_batch: int):
         data_cfg = {"seed": self.cfg.seed, **self.cfg.data, "batch_size": micro_batch}
         return build_video_train_loader(data_cfg, preprocess=model.preprocess, rank=env.rank,
-                                        world_size=env.world_size, run_dir=run_dir)
+                                        world_size=env.world_size, run_dir=run_dir, lists=self.lists)
 
     # -- loss ---------------------------------------------------------------------------------------------------
 
@@ -146,8 +149,9 @@ class ActionTask(Task):
         if ev.source is None:
             return {}
         s = ev.source
-        videos = read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes"))
-        loader = video_eval_loader(videos, preprocess=model.preprocess, num_clips=o.eval_clips,
+        if self.eval_videos is None:
+            self.eval_videos = read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes"))
+        loader = video_eval_loader(self.eval_videos, preprocess=model.preprocess, num_clips=o.eval_clips,
                                    num_crops=o.eval_crops, batch_size=max(1, ev.batch_size // (o.eval_clips *
                                                                                               o.eval_crops)),
                                    max_videos=ev.max_images)

@@ -506,15 +506,22 @@ def _check_label_space(lists: Sequence[VideoList]) -> None:
                                   f"{len(named[0].class_names)} classes of {named[0].source}")
 
 
+def training_lists(config: dict[str, Any]) -> list[VideoList]:
+    """The annotations of a ``data:`` section's ``sources``, read once (the task's class names, then the loader)."""
+    return [read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes"), name=s.get("name"))
+            for s in config["sources"]]
+
+
 def build_video_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], rank: int = 0,
-                             world_size: int = 1, run_dir: str | Path | None = None) -> VideoTrainLoader:
+                             world_size: int = 1, run_dir: str | Path | None = None,
+                             lists: Sequence[VideoList] | None = None) -> VideoTrainLoader:
     """The training stream of rank ``rank`` of ``world_size`` from a video ``data:`` section (module docstring),
-    validated first; ``preprocess``: the model's video preprocess dict (size, mean / std, clip length)."""
+    validated first; ``preprocess``: the model's video preprocess dict (size, mean / std, clip length); ``lists``:
+    ``training_lists(config)`` when the caller has read them already."""
     validate_video_data(config)
     if "batch_size" not in config:
         raise DataConfigError("data.batch_size: required (per rank)")
-    lists = [read_video_annotations(s.get("annotations"), s["videos"], classes=s.get("classes"), name=s.get("name"))
-             for s in config["sources"]]
+    lists = list(lists) if lists is not None else training_lists(config)
     _check_label_space(lists)
     clip_len, frame_interval = clip_settings(preprocess, config.get("clip_len"), config.get("frame_interval"))
     reader = VideoReader(threads=config.get("decode_threads", 0), cache_videos=config.get("cache_videos", 0))
@@ -650,5 +657,5 @@ def validate_video_data(data: Any, key: str = "data") -> None:
 
 
 __all__ = ["sample_clip_indices", "raw_clip_indices", "bound_indices", "VideoList", "read_class_names",
-           "read_video_annotations", "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader",
+           "read_video_annotations", "training_lists", "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader",
            "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]
