@@ -51,7 +51,6 @@ from florence.adapters.retrieval import KS, CaptionSet, encode_captions, load_ca
 from florence.adapters.zeroshot import require_dual_encoder
 from florence.data.errors import DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
-from florence.data.images import BadSample
 from florence.data.transforms import build_transform
 from florence.data.video_decode import VIDEO_SUFFIXES, decode_frames, video_info
 
@@ -85,7 +84,7 @@ def pool_frame_embeddings(frames: torch.Tensor, pooling: str = "mean") -> torch.
 
 class VideoFrames(Dataset):
     """``dataset[i]`` -> ``{"images": (num_frames, C, S, S) float, "index": i}``: the segment-centre frames of video
-    ``i``, each through the image ``transform``; or the :class:`BadSample` saying why video ``i`` is unusable."""
+    ``i``, each through the image ``transform``; raises a ``BadSample`` for an unusable video (the loader skips it)."""
 
     def __init__(self, paths: Sequence[str | Path], num_frames: int, transform: Callable, decode_threads: int = 0):
         self.paths = [str(p) for p in paths]  # names samples in messages
@@ -96,13 +95,10 @@ class VideoFrames(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | BadSample:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         path = self.paths[i]
-        try:
-            indices = segment_centre_indices(video_info(path).num_frames, self.num_frames)
-            frames = decode_frames(path, indices, threads=self.decode_threads)  # F, H, W, 3 uint8
-        except BadSample as err:
-            return err
+        indices = segment_centre_indices(video_info(path).num_frames, self.num_frames)  # BadSample: skipped
+        frames = decode_frames(path, indices, threads=self.decode_threads)  # F, H, W, 3 uint8
         images = torch.stack([self.transform(Image.fromarray(frame)) for frame in frames])  # F, C, S, S
         return {"images": images, "index": i}
 

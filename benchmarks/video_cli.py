@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from florence.adapters.action_eval import evaluate_action
+from florence.adapters.action_eval import evaluate_action, predict_views
 from florence.adapters.video_classifier import VideoClassifier
 from florence.adapters.zeroshot import trivial_classification_metrics
 from florence.benchmarks.draw_video import frame_strip_png
@@ -155,7 +155,7 @@ def predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                         class_names=None, name="videos", source="command line", entries=len(args.videos))
     loader = video_eval_loader(listing, preprocess=model.preprocess, num_clips=args.clips, num_crops=args.crops,
                                batch_size=1)
-    out = evaluate_action(model, loader, device=args.device) if args.videos else None
+    out = predict_views(model, loader, device=args.device)  # no labels: probabilities only
     rows = []
     for probs, i in zip(out["probs"], out["index"]):
         path = Path(args.videos[i])

@@ -600,7 +600,7 @@ def build_detection_train_loader(config: dict[str, Any], *, preprocess: dict[str
 
 
 class _EvalImages(Dataset):
-    """``dataset[i]`` -> a sample of image ``i`` (no random draws) or the :class:`BadSample` saying why not."""
+    """``dataset[i]`` -> a sample of image ``i`` (no random draws); raises :class:`BadSample` for an unusable one."""
 
     def __init__(self, coco: CocoDetection, transform: DetectionTransform):
         self.coco = coco
@@ -609,11 +609,8 @@ class _EvalImages(Dataset):
     def __len__(self) -> int:
         return len(self.coco)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | BadSample:
-        try:
-            return load_sample(self.coco, index, self.transform, np.random.default_rng(0))
-        except BadSample as err:
-            return err
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return load_sample(self.coco, index, self.transform, np.random.default_rng(0))  # BadSample: skipped
 
 
 def detection_eval_loader(dataset: CocoDetection, preprocess: dict[str, Any], scale: Sequence[int] = DEFAULT_SCALE,

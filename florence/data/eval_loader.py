@@ -52,7 +52,8 @@ def sample_name(dataset: Dataset, index: int) -> str:
 
 
 class _Guarded(Dataset):
-    """``dataset[i]`` -> ``(image, target)``, or the :class:`BadSample` that describes why sample ``i`` is unusable."""
+    """``dataset[i]`` -> the sample, or the :class:`BadSample` that describes why sample ``i`` is unusable (raised by
+    the dataset, or a Pillow error inside it)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -81,7 +82,8 @@ class BatchEvalLoader:
     Iterating again starts the counts afresh.
 
     Args:
-        dataset: ``dataset[i] -> sample``, or the :class:`BadSample` saying why sample ``i`` is unusable.
+        dataset: ``dataset[i] -> sample``; a sample that raises (or returns) a :class:`BadSample`, or a Pillow error,
+            is a bad sample.
         collate: a list of good samples -> a batch.
         batch_size: samples per DataLoader batch (a batch shrinks by its bad samples).
         num_workers: DataLoader worker processes.
@@ -110,7 +112,8 @@ class BatchEvalLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self.skipped, self.num_good = [], 0
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+        loader = DataLoader(_Guarded(self.dataset), batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.num_workers,
                             collate_fn=functools.partial(split_bad, collate=self.collate))
         for batch, bad in loader:
             for err in bad:
@@ -147,7 +150,7 @@ class EvalLoader(BatchEvalLoader):
 
     def __init__(self, dataset: Dataset, *, batch_size: int = 128, num_workers: int = 0,
                  on_bad_sample: str = "skip", name: str = "eval"):
-        super().__init__(_Guarded(dataset), default_collate, batch_size=batch_size, num_workers=num_workers,
+        super().__init__(dataset, default_collate, batch_size=batch_size, num_workers=num_workers,
                          on_bad_sample=on_bad_sample, name=name)
 
     @staticmethod

@@ -78,7 +78,6 @@ from torch.utils.data import Dataset, Subset
 from florence.data.bad_samples import BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
-from florence.data.images import BadSample
 from florence.data.loader import RetryingDataset, TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
 from florence.data.schema import STREAM_SCHEMA, Check, _augment, _check_keys, _choice, _int, _number, _optional, \
@@ -540,7 +539,7 @@ def build_video_train_loader(config: dict[str, Any], *, preprocess: dict[str, An
 
 
 class _EvalVideos(Dataset):
-    """``dataset[i]`` -> ``{"video" (V, 3, T, S, S), "label", "index", "looped"}`` or the :class:`BadSample`."""
+    """``dataset[i]`` -> ``{"video" (V, 3, T, S, S), "label", "index", "looped"}``; raises :class:`BadSample`."""
 
     def __init__(self, videos: VideoList, sampler: _ClipSampler, transform: VideoTestTransform):
         self.videos = videos
@@ -551,11 +550,8 @@ class _EvalVideos(Dataset):
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | BadSample:
-        try:
-            frames, looped = self.sampler(self.videos.paths[i])  # num_clips * T, H, W, 3
-        except BadSample as err:
-            return err
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        frames, looped = self.sampler(self.videos.paths[i])  # num_clips * T, H, W, 3; BadSample: skipped
         clips = frames.reshape(self.sampler.num_clips, self.sampler.clip_len, *frames.shape[1:])
         views = torch.cat([self.transform(clip) for clip in clips])  # num_clips * num_crops, 3, T, S, S (clip-major)
         return {"video": views, "label": int(self.videos.labels[i]), "index": i, "looped": looped}
@@ -657,5 +653,5 @@ def validate_video_data(data: Any, key: str = "data") -> None:
 
 
 __all__ = ["sample_clip_indices", "raw_clip_indices", "bound_indices", "VideoList", "read_class_names",
-           "read_video_annotations", "training_lists", "VideoTrainDataset", "VideoTrainLoader", "build_video_train_loader",
-           "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]
+           "read_video_annotations", "training_lists", "VideoTrainDataset", "VideoTrainLoader",
+           "build_video_train_loader", "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]

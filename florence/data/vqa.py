@@ -101,7 +101,7 @@ from torchvision import transforms as T
 from florence.data.bad_samples import BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
-from florence.data.images import BadSample, decode_image, to_rgb
+from florence.data.images import decode_image, to_rgb
 from florence.data.json_columns import Strings, duplicate_id, int_column, object_list
 from florence.data.loader import RetryingDataset, TrainLoader
 from florence.data.mixing import MixturePlan, MixtureSampler
@@ -753,7 +753,7 @@ def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any]
 
 
 class _EvalQuestions(Dataset):
-    """``dataset[i]`` -> question ``i``'s sample, or the :class:`BadSample` saying why its image is unreadable."""
+    """``dataset[i]`` -> question ``i``'s sample; raises ``BadSample`` for an unreadable image (the loader skips it)."""
 
     def __init__(self, dataset: VQADataset, transform: VQATransform):
         self.dataset = dataset
@@ -762,11 +762,8 @@ class _EvalQuestions(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | BadSample:
-        try:
-            image = self.transform(self.dataset.load_image(i))
-        except BadSample as err:
-            return err
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.transform(self.dataset.load_image(i))  # BadSample when unreadable: the loader skips it
         return {"image": image, "question": self.dataset.question(i),
                 "question_id": int(self.dataset.question_ids[i])}
 
