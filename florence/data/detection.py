@@ -89,8 +89,7 @@ from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import BadSample, decode_image
 from florence.data.json_columns import Strings, column, duplicate_id, int_column, lookup, object_list
-from florence.data.loader import RetryingDataset, TrainLoader
-from florence.data.mixing import MixturePlan, MixtureSampler
+from florence.data.loader import RetryingDataset, TrainLoader, stream_bad_log
 from florence.data.schema import STREAM_SCHEMA, Check, _bool, _check_keys, _int, _is_int, _number, _optional, _path
 
 logger = logging.getLogger("florence.data")
@@ -585,15 +584,11 @@ def build_detection_train_loader(config: dict[str, Any], *, preprocess: dict[str
         raise DataFileError(f"{coco.annotations_file}: no training images left ({coco.summary().format()})")
     transform = DetectionTransform(preprocess, scale=config.get("scale", DEFAULT_SCALE), scales=config.get("scales"),
                                    short_range=config.get("short_range"), flip=config.get("flip", 0.5))
-    run_dir = run_dir if run_dir is not None else config.get("run_dir")
-    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
-    dataset = DetectionTrainDataset(coco, transform, bad, max_bad_retries=config.get("max_bad_retries", 16))
-    plan = MixturePlan([len(coco)], [1.0], seed=int(config.get("seed", 0)))
-    sampler = MixtureSampler(plan, batch_size=int(config["batch_size"]), rank=rank, world_size=world_size)
+    dataset = DetectionTrainDataset(coco, transform, stream_bad_log(config, rank=rank, run_dir=run_dir),
+                                    max_bad_retries=config.get("max_bad_retries", 16))
     collate = functools.partial(collate_detection, size_divisor=int(config.get("size_divisor", 128)))
-    return DetectionTrainLoader(dataset, sampler, collate_fn=collate, num_workers=int(config.get("num_workers", 0)),
-                                pin_memory=bool(config.get("pin_memory", False)),
-                                prefetch_factor=config.get("prefetch_factor"))
+    return DetectionTrainLoader.for_dataset(dataset, [1.0], config, collate_fn=collate, rank=rank,
+                                            world_size=world_size)
 
 
 # --- evaluation loader --------------------------------------------------------------------------------------------

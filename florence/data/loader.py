@@ -155,6 +155,18 @@ class TrainLoader:
             self.sampler.batch += 1
             yield batch
 
+    @classmethod
+    def for_dataset(cls, dataset: RetryingDataset, weights: Sequence[float], config: dict[str, Any], *,
+                    collate_fn: Callable, rank: int = 0, world_size: int = 1) -> "TrainLoader":
+        """The stream over ``dataset``'s sources mixed by ``weights`` (their sizes: plain concatenation), with the
+        ``data:`` keys ``seed``, ``samples_per_epoch``, ``batch_size`` (per rank), ``num_workers``, ``pin_memory``
+        and ``prefetch_factor``."""
+        plan = MixturePlan([len(s) for s in dataset.sources], weights, seed=int(config.get("seed", 0)),
+                           samples_per_epoch=config.get("samples_per_epoch"))
+        sampler = MixtureSampler(plan, batch_size=int(config["batch_size"]), rank=rank, world_size=world_size)
+        return cls(dataset, sampler, collate_fn=collate_fn, num_workers=int(config.get("num_workers", 0)),
+                   pin_memory=bool(config.get("pin_memory", False)), prefetch_factor=config.get("prefetch_factor"))
+
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
 
@@ -163,6 +175,12 @@ class TrainLoader:
 
     def bad_sample_summary(self) -> BadSampleSummary:
         return self.dataset.bad.summary()
+
+
+def stream_bad_log(config: dict[str, Any], *, rank: int = 0, run_dir: str | Path | None = None) -> BadSampleLog:
+    """A training stream's bad-sample log: the ``on_bad_sample`` policy, written to ``run_dir`` (else the config's)."""
+    return BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir if run_dir is not None else
+                        config.get("run_dir"), rank=rank)
 
 
 def build_source(spec: dict[str, Any], key: str = "source") -> FashionMNISTSource | ImageLabelSource | CaptionSource:
@@ -200,8 +218,7 @@ def build_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], to
     specs = config["sources"]
     augment = dict(config.get("augment") or {})
     transform = build_transform(preprocess, train=True, **augment)
-    run_dir = run_dir if run_dir is not None else config.get("run_dir")
-    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
+    bad = stream_bad_log(config, rank=rank, run_dir=run_dir)
     tokenize_collate = functools.partial(collate, tokenize=tokenize)
     common = dict(batch_size=int(config["batch_size"]), rank=rank, world_size=world_size,
                   seed=int(config.get("seed", 0)), num_workers=int(config.get("num_workers", 0)))
@@ -212,9 +229,6 @@ def build_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any], to
                                        max_bad_retries=config.get("max_bad_retries", 16), **common)
     sources = [build_source(spec, f"data.sources[{i}]") for i, spec in enumerate(specs)]
     weights = [float(spec.get("weight", 1.0)) for spec in specs]
-    plan = MixturePlan([len(s) for s in sources], weights, seed=common["seed"],
-                       samples_per_epoch=config.get("samples_per_epoch"))
     dataset = TrainDataset(sources, transform, bad, max_bad_retries=config.get("max_bad_retries", 16))
-    sampler = MixtureSampler(plan, batch_size=common["batch_size"], rank=rank, world_size=world_size)
-    return TrainLoader(dataset, sampler, collate_fn=tokenize_collate, num_workers=common["num_workers"],
-                       pin_memory=bool(config.get("pin_memory", False)), prefetch_factor=config.get("prefetch_factor"))
+    return TrainLoader.for_dataset(dataset, weights, config, collate_fn=tokenize_collate, rank=rank,
+                                   world_size=world_size)

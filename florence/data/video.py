@@ -78,8 +78,7 @@ from torch.utils.data import Dataset, Subset
 from florence.data.bad_samples import BadSampleLog
 from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
-from florence.data.loader import RetryingDataset, TrainLoader
-from florence.data.mixing import MixturePlan, MixtureSampler
+from florence.data.loader import RetryingDataset, TrainLoader, stream_bad_log
 from florence.data.schema import STREAM_SCHEMA, Check, _augment, _check_keys, _choice, _int, _number, _optional, \
     _path, _range_pair, _randaugment, _text
 from florence.data.video_decode import VIDEO_SUFFIXES, VideoReader
@@ -525,17 +524,11 @@ def build_video_train_loader(config: dict[str, Any], *, preprocess: dict[str, An
     clip_len, frame_interval = clip_settings(preprocess, config.get("clip_len"), config.get("frame_interval"))
     reader = VideoReader(threads=config.get("decode_threads", 0), cache_videos=config.get("cache_videos", 0))
     sampler = _ClipSampler(reader, clip_len, frame_interval, 1, False, config.get("out_of_bound", "loop"))
-    run_dir = run_dir if run_dir is not None else config.get("run_dir")
-    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
     dataset = VideoTrainDataset(lists, sampler, video_train_transform(preprocess, augment=config.get("augment")),
-                                bad, max_bad_retries=config.get("max_bad_retries", 16))
-    sizes = [len(v) for v in lists]
-    plan = MixturePlan(sizes, sizes, seed=int(config.get("seed", 0)),  # weights = sizes: plain concatenation
-                       samples_per_epoch=config.get("samples_per_epoch"))
-    stream = MixtureSampler(plan, batch_size=int(config["batch_size"]), rank=rank, world_size=world_size)
-    return VideoTrainLoader(dataset, stream, collate_fn=collate_clips, num_workers=int(config.get("num_workers", 0)),
-                            pin_memory=bool(config.get("pin_memory", False)),
-                            prefetch_factor=config.get("prefetch_factor"))
+                                stream_bad_log(config, rank=rank, run_dir=run_dir),
+                                max_bad_retries=config.get("max_bad_retries", 16))
+    return VideoTrainLoader.for_dataset(dataset, [len(v) for v in lists], config, collate_fn=collate_clips, rank=rank,
+                                        world_size=world_size)  # weights = sizes: plain concatenation
 
 
 class _EvalVideos(Dataset):
@@ -654,4 +647,5 @@ def validate_video_data(data: Any, key: str = "data") -> None:
 
 __all__ = ["sample_clip_indices", "raw_clip_indices", "bound_indices", "VideoList", "read_class_names",
            "read_video_annotations", "training_lists", "VideoTrainDataset", "VideoTrainLoader",
-           "build_video_train_loader", "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips", "clip_settings"]
+           "build_video_train_loader", "VideoEvalLoader", "video_eval_loader", "validate_video_data", "collate_clips",
+           "clip_settings"]

@@ -103,8 +103,7 @@ from florence.data.errors import DataConfigError, DataFileError, DataNotFound
 from florence.data.eval_loader import BatchEvalLoader
 from florence.data.images import decode_image, to_rgb
 from florence.data.json_columns import Strings, duplicate_id, int_column, object_list
-from florence.data.loader import RetryingDataset, TrainLoader
-from florence.data.mixing import MixturePlan, MixtureSampler
+from florence.data.loader import RetryingDataset, TrainLoader, stream_bad_log
 from florence.data.schema import STREAM_SCHEMA, Check, _check_keys, _choice, _int, _optional, _path, _text
 from florence.data.vqa_answers import normalize_answer
 
@@ -735,18 +734,11 @@ def build_vqa_train_loader(config: dict[str, Any], *, preprocess: dict[str, Any]
             raise DataFileError(f"{dataset.questions_json}: no trainable question left ({dataset.summary().format()}; "
                                 f"{targets.dropped} without an in-vocabulary answer)")
         sources.append(targets)
-    run_dir = run_dir if run_dir is not None else config.get("run_dir")
-    bad = BadSampleLog(config.get("on_bad_sample", "skip"), run_dir=run_dir, rank=rank)
-    dataset = VQATrainDataset(sources, vqa_transform(preprocess), bad,
+    dataset = VQATrainDataset(sources, vqa_transform(preprocess), stream_bad_log(config, rank=rank, run_dir=run_dir),
                               max_bad_retries=config.get("max_bad_retries", 16))
-    sizes = [len(s) for s in sources]
-    plan = MixturePlan(sizes, sizes, seed=int(config.get("seed", 0)),  # weights = sizes: plain concatenation
-                       samples_per_epoch=config.get("samples_per_epoch"))
-    sampler = MixtureSampler(plan, batch_size=int(config["batch_size"]), rank=rank, world_size=world_size)
     collate = functools.partial(collate_vqa, tokenize=tokenize, num_answers=len(answers))
-    return VQATrainLoader(dataset, sampler, collate_fn=collate, num_workers=int(config.get("num_workers", 0)),
-                          pin_memory=bool(config.get("pin_memory", False)),
-                          prefetch_factor=config.get("prefetch_factor"))
+    return VQATrainLoader.for_dataset(dataset, [len(s) for s in sources], config, collate_fn=collate, rank=rank,
+                                      world_size=world_size)  # weights = sizes: plain concatenation
 
 
 # --- evaluation loader --------------------------------------------------------------------------------------------
