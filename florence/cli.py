@@ -15,6 +15,11 @@
     florence demo detection [--workdir DIR]        the Fashion-MNIST detection demo (florence.benchmarks.detection_demo)
     florence demo vqa [--workdir DIR]              the Fashion-MNIST VQA demo (florence.benchmarks.vqa_demo)
     florence demo video [--workdir DIR]            the Moving Fashion-MNIST video demo (florence.benchmarks.video_demo)
+    florence index --model DIR --source DIR|CSV|TAR --db PATH.db|URI --collection NAME   embed files into Milvus
+    florence search --db ... --collection ... "a red motorcycle" [--image PATH]   search by text and/or image
+    florence tag --db ... --collection ... --labels-file F   zero-shot / kNN tags (florence.search.cli)
+    florence dedup --db ... --collection ... [--threshold 0.95]   exact and near-duplicate groups
+    florence serve --db ... --collection ... [--port 8000]   a local search web page
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
@@ -31,6 +36,11 @@ _COMMANDS = {
     "detect": "florence.benchmarks.detect",
     "vqa": "florence.benchmarks.vqa_predict",
     "predict-video": "florence.benchmarks.video_cli",
+    "index": "florence.search.cli:index_main",
+    "search": "florence.search.cli:search_main",
+    "tag": "florence.search.cli:tag_main",
+    "dedup": "florence.search.cli:dedup_main",
+    "serve": "florence.search.cli:serve_main",
 }
 
 
@@ -48,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in _COMMANDS:
         print(f"florence: unknown command {command!r}\n{__doc__}", file=sys.stderr)
         return 2
-    result = importlib.import_module(_COMMANDS[command]).main(rest)
+    module, _, function = _COMMANDS[command].partition(":")
+    result = getattr(importlib.import_module(module), function or "main")(rest)
     return int(result or 0)
 
 
