@@ -18,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed system-deps
 
-# Debian data packages (DATA.md); skipped with a note where apt is unavailable or we are not root.
+# Debian packages: the Fashion-MNIST data (DATA.md) and Chromium + ChromeDriver for the search page's browser test;
+# skipped with a note where apt is unavailable or we are not root (the tests that need them skip with a reason).
 system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	@missing=""; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	if [ -z "$$missing" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
-	else echo "note: cannot apt-get install dataset-fashion-mnist here; tests that need it skip, the demo needs it"; fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "note: cannot apt-get install$$missing here; tests that need them skip, the demo needs the data"; fi
 
 test: install
 	$(PY) -m pytest -q -rs

@@ -24,12 +24,13 @@ import torch
 from florence.engine.distributed import init_distributed, shutdown_distributed
 from florence.errors import FlorenceError
 from florence.search.contact_sheet import write_contact_sheet
-#DEDUP_IMPORT
+from florence.search.dedup import write_duplicates_json
 from florence.search.embedder import PRECISIONS, Embedder
 from florence.search.files import walk_source
 from florence.search.index import Index
 from florence.search.indexer import index_files
 from florence.search.store import INDEX_TYPES, METRICS, SearchError, Store
+from florence.search.webapp import serve
 
 __all__ = ["index_main", "search_main", "tag_main", "dedup_main", "serve_main"]
 
@@ -239,7 +240,6 @@ def _dedup(args: argparse.Namespace) -> int:
     with _open_index(args, needs_model=False) as index:
         groups = index.duplicates(args.threshold, filter=args.filter)
     if args.out:
-        from florence.search.dedup import write_duplicates_json  # TEMP until dedup.py lands
         write_duplicates_json(groups, args.out)
     if args.json:
         print(json.dumps([g.to_dict() for g in groups], indent=2, ensure_ascii=False))
@@ -269,8 +269,6 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from florence.search.webapp import serve  # fastapi/uvicorn are imported only by this command
-
     with _open_index(args) as index:
         serve(index, host=args.host, port=args.port, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     return 0

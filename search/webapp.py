@@ -186,8 +186,7 @@ def create_app(index: Index, *, max_upload_bytes: int = 8 << 20, allow_index: bo
         index_workers: decode processes for ``/api/index`` runs (0: decode in the request's thread, no fork of the
             serving process).
     """
-    info = index.store.info()
-    index.checked_embedder()
+    index.checked_embedder()  # the collection exists and the model built it
     lock = threading.Lock()
     app = FastAPI(title=f"florence search: {index.store.collection}", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -314,9 +313,8 @@ def create_app(index: Index, *, max_upload_bytes: int = 8 << 20, allow_index: bo
                 keep.append(item)
             else:
                 skipped.append((item.path, "outside the collection's indexed roots"))
-        stored = index.store.info().roots
-        files = SourceFiles(keep, [r for r in stored if _real(r) in allowed], skipped)
         with lock:
+            files = SourceFiles(keep, list(index.store.info().roots), skipped)  # the roots stay as they are
             summary = index.add(files, progress=False, workers=index_workers)
             count = index.count()
         out = dataclasses.asdict(summary)

@@ -294,7 +294,7 @@ def test_a_killed_run_rerun_ends_with_one_row_per_file(material, tmp_path):
 def test_torchrun_shards_across_two_gloo_ranks(material, tmp_path):
     folder = _copy_pictures(material, tmp_path, count=50)
     db = tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "florence", "index", "--db", str(db), "--collection", "c", "--model", str(material["bundle"]), "--source",
            str(folder), "--batch-size", "8", "--workers", "0", "--no-progress", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
