@@ -18,7 +18,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from florence.benchmarks import detection_demo, video_demo, vqa_demo
+from florence.benchmarks import detection_demo, search_demo, video_demo, vqa_demo
 
 
 def default_config() -> Path:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return vqa_demo.main(argv[1:])
     if argv and argv[0] == "video":  # the video demo
         return video_demo.main(argv[1:])
+    if argv and argv[0] == "search":  # the search demo
+        return search_demo.main(argv[1:])
     parser = argparse.ArgumentParser(prog="florence demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", help="where the run, results and report go")
     parser.add_argument("--config", default=None, help="pre-training YAML (default: the packaged fashion_mnist.yaml)")

@@ -15,6 +15,7 @@
     florence demo detection [--workdir DIR]        the Fashion-MNIST detection demo (florence.benchmarks.detection_demo)
     florence demo vqa [--workdir DIR]              the Fashion-MNIST VQA demo (florence.benchmarks.vqa_demo)
     florence demo video [--workdir DIR]            the Moving Fashion-MNIST video demo (florence.benchmarks.video_demo)
+    florence demo search [--workdir DIR]           Fashion-MNIST search on Milvus Lite (florence.benchmarks.search_demo)
     florence index --model DIR --source DIR|CSV|TAR --db PATH.db|URI --collection NAME   embed files into Milvus
     florence search --db ... --collection ... "a red motorcycle" [--image PATH]   search by text and/or image
     florence tag --db ... --collection ... --labels-file F   zero-shot / kNN tags (florence.search.cli)
