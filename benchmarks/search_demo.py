@@ -100,6 +100,7 @@ def plant_duplicates(table: Path, out: Path, seed: int, count: int = 20, base: i
     (JPEG, quality 75) of random ones among them; column ``copy_of`` names the original."""
     with open(table, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"][:base]
+    out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     picks = np.random.default_rng(seed).choice(len(rows), size=2 * count, replace=False)
     lines = ["path,label,copy_of"] + [f"{table.parent / r['path']},{r['label']}," for r in rows]

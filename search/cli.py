@@ -240,7 +240,7 @@ def _dedup(args: argparse.Namespace) -> int:
     with _open_index(args, needs_model=False) as index:
         groups = index.duplicates(args.threshold, filter=args.filter)
     if args.out:
-        write_duplicates_json(groups, args.out)
+        write_duplicates_json(groups, args.out, threshold=args.threshold)
     if args.json:
         print(json.dumps([g.to_dict() for g in groups], indent=2, ensure_ascii=False))
     else:

@@ -106,16 +106,17 @@ def near_duplicate_components(vectors: np.ndarray, threshold: float, chunk: int 
 
 @torch.no_grad()
 def _score_range(vectors: np.ndarray, chunk: int) -> tuple[float, float]:
-    """Largest and smallest cosine over the pairs of ``(G, D)`` unit vectors, ``G >= 2``."""
+    """Largest and smallest cosine over the pairs of ``(G, D)`` unit vectors, ``G >= 2`` (upper-triangle blocks)."""
     X = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))  # G, D
     high, low = -np.inf, np.inf
     for a in range(0, len(X), chunk):
-        sims = X[a:a + chunk] @ X.T  # c, G
-        rows = torch.arange(len(sims))
-        sims[rows, rows + a] = -torch.inf  # not a row with itself
-        high = max(high, float(sims.max()))
-        sims[rows, rows + a] = torch.inf
-        low = min(low, float(sims.min()))
+        for b in range(a, len(X), chunk):
+            sims = X[a:a + chunk] @ X[b:b + chunk].T  # ca, cb
+            if a == b:
+                sims = sims[tuple(torch.triu_indices(len(sims), len(sims), 1))]  # the pairs above the diagonal
+            if sims.numel():
+                lo, hi = torch.aminmax(sims)
+                high, low = max(high, float(hi)), min(low, float(lo))
     return high, low
 
 
@@ -151,6 +152,8 @@ def find_duplicates(store: Store, threshold: float = 0.95, *, filter: str = "", 
     except MilvusException as err:
         raise SearchError(f"{store.where}: cannot read rows: {err.message}"
                           + (f" (filter {filter!r})" if filter else "")) from None
+    if not ids:
+        return []
     X = np.asarray(vectors, np.float32).reshape(len(ids), -1)  # N, D
     by_hash: dict[str, list[int]] = defaultdict(list)
     for n, content in enumerate(hashes):

@@ -23,10 +23,12 @@ from PIL import Image
 from torch import nn
 
 from florence.data.images import BadSample, decode_image
+from florence.search.dedup import DuplicateGroup, find_duplicates
 from florence.search.embedder import Embedder
 from florence.search.files import SourceFiles, walk_source
 from florence.search.indexer import IndexSummary, index_files
 from florence.search.store import Hit, SearchError, Store
+from florence.search.tagging import TagSummary, tag_collection
 
 __all__ = ["Index"]
 
@@ -136,14 +138,10 @@ class Index:
 
     # --- tags and duplicates --------------------------------------------------------------------------------------
 
-    def tag(self, labels: Sequence[str], **options: Any):
+    def tag(self, labels: Sequence[str], **options: Any) -> TagSummary:
         """Write tags (:func:`florence.search.tagging.tag_collection`); its :class:`TagSummary`."""
-        from florence.search.tagging import tag_collection
-
         return tag_collection(self, labels, **options)
 
-    def duplicates(self, threshold: float = 0.95, **options: Any):
+    def duplicates(self, threshold: float = 0.95, **options: Any) -> list[DuplicateGroup]:
         """Groups of near-duplicate and exact-duplicate rows (:func:`florence.search.dedup.find_duplicates`)."""
-        from florence.search.dedup import find_duplicates
-
         return find_duplicates(self.store, threshold, **options)

@@ -340,4 +340,5 @@ class Store:
         except MilvusException as err:
             raise SearchError(f"{self.where}: search failed: {err.message}"
                               + (f" (filter {filter!r})" if filter else "")) from None
-        return [[Hit(str(h["id"]), float(h["distance"]), dict(h.get("entity", {}))) for h in hits] for hits in result]
+        return [[Hit(str(h["id"]), float(h["distance"]), {k: v for k, v in h.get("entity", {}).items() if k != "vector"})
+                 for h in hits] for hits in result]

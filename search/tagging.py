@@ -76,6 +76,7 @@ class TagPredictions:
         resolved: the method used for the untrusted rows (``"knn"`` or ``"zeroshot"``; ``"auto"`` resolved).
         trusted: trusted rows found (also those outside the filter, which voted but are not in ``ids``).
         labels_without_trusted: labels no trusted row carries (kNN never gives them).
+        k: neighbours in the kNN vote.
     """
 
     labels: list[str]
@@ -86,6 +87,7 @@ class TagPredictions:
     resolved: str
     trusted: int = 0
     labels_without_trusted: list[str] = field(default_factory=list)
+    k: int = 10
 
     def tags(self) -> list[str]:
         """The ``N`` predicted label names."""
@@ -121,7 +123,8 @@ class TagSummary:
 
     def text(self) -> str:
         by = ", ".join(f"{m} {n}" for m, n in self.by_method.items())
-        how = f"kNN over {self.trusted} trusted rows, k={self.k}" if self.method == "knn" else "zero-shot"
+        how = (f"kNN over {self.trusted} trusted rows, k={self.k}" if self.method == "knn"
+               else f"zero-shot; {self.trusted} trusted rows")
         lines = [f"tagged {self.tagged} of {self.rows} rows ({how}; threshold {self.threshold:g}): {by or 'none'}",
                  f"below threshold {self.below_threshold} (old tags cleared: {self.cleared}); kept existing tags: "
                  f"{self.kept}" + ("" if self.overwrite else " (overwrite to re-tag them)")]
@@ -226,6 +229,11 @@ def _trusted_vectors(store: Store, trusted: Mapping[str, str], ids: list[str], v
     return found, np.concatenate(parts)
 
 
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise SearchError(f"tag threshold must be in [0, 1], got {threshold}")
+
+
 def _check_labels(labels: Sequence[str] | None) -> list[str] | None:
     if labels is None:
         return None
@@ -274,7 +282,8 @@ def predict_tags(index: Index, labels: Sequence[str] | None, *, templates: Seque
     if labels is None:
         labels = sorted(set(trusted.values()))
         if not labels:
-            raise SearchError("tagging needs labels (--labels-file) or trusted rows (--trusted-field) to take them from")
+            raise SearchError("tagging needs labels (--labels-file), or trusted rows (--trusted-field) to take them "
+                              "from")
     unknown = sorted(set(trusted.values()) - set(labels))
     if unknown:
         raise SearchError(f"trusted {trusted_field or 'labels'} value(s) not among the labels: "
@@ -292,7 +301,8 @@ def predict_tags(index: Index, labels: Sequence[str] | None, *, templates: Seque
             raise SearchError(f"{store.where}: kNN tagging needs trusted rows, and no row has a value in "
                               f"{trusted_field or 'the trusted mapping'}")
         key_labels = np.array([code[trusted[t]] for t in key_ids], np.int64)
-        missing = [name for n, name in enumerate(labels) if n not in set(key_labels.tolist())]
+        voted = set(key_labels.tolist())
+        missing = [name for n, name in enumerate(labels) if n not in voted]
         for start in tqdm(range(0, len(others), batch_size), desc="kNN vote", unit="block", disable=not progress):
             part = others[start:start + batch_size]
             label[part], confidence[part] = knn_vote(X[part], keys, key_labels, len(labels), k, batch_size)
@@ -301,27 +311,26 @@ def predict_tags(index: Index, labels: Sequence[str] | None, *, templates: Seque
         classes = zs.build_zeroshot_classifier(lambda prompts: torch.from_numpy(embedder.embed_text(prompts)), labels,
                                                list(templates) if templates else zs.DEFAULT_TEMPLATES)  # C, D
         model = embedder.model
-        scale = float(model.scale()) if hasattr(model, "scale") else 100.0
+        scale = float(model.scale().detach()) if hasattr(model, "scale") else 100.0
         for start in tqdm(range(0, len(others), batch_size), desc="zero-shot", unit="block", disable=not progress):
             part = others[start:start + batch_size]
             probabilities = zeroshot_probabilities(X[part], classes.numpy(), scale)  # b, C
             label[part], confidence[part] = probabilities.argmax(1), probabilities.max(1)
     for n in np.flatnonzero(is_trusted):
         label[n], confidence[n], kinds[n] = code[trusted[ids[n]]], 1.0, "trusted"
-    return TagPredictions(labels, list(ids), label, confidence, kinds, resolved, len(trusted), missing)
+    return TagPredictions(labels, list(ids), label, confidence, kinds, resolved, len(trusted), missing, k)
 
 
 def write_tags(store: Store, predictions: TagPredictions, *, threshold: float = 0.5, overwrite: bool = False,
                batch_size: int = 4096, progress: bool = False) -> TagSummary:
     """Write ``predictions`` into ``tag`` / ``tag_confidence`` / ``tag_method`` by the rules of the module docstring
     (threshold, overwrite, trusted rows always)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise SearchError(f"threshold must be in [0, 1], got {threshold}")
+    _check_threshold(threshold)
     start_time = time.perf_counter()
     summary = TagSummary(rows=len(predictions.ids), method=predictions.resolved, trusted=predictions.trusted,
                          by_method={m: 0 for m in ("trusted", predictions.resolved)},
                          labels_without_trusted=list(predictions.labels_without_trusted), threshold=threshold,
-                         overwrite=overwrite)
+                         k=predictions.k, overwrite=overwrite)
     per_label: Counter[str] = Counter()
     bar = tqdm(total=len(predictions.ids), desc="writing tags", unit="row", disable=not progress)
     for start in range(0, len(predictions.ids), batch_size):
@@ -359,12 +368,12 @@ def tag_collection(index: Index, labels: Sequence[str] | None, *, templates: Seq
                    filter: str = "", overwrite: bool = False, batch_size: int = 4096,
                    progress: bool = False) -> TagSummary:
     """Predict (:func:`predict_tags`) and write (:func:`write_tags`) tags for the rows matching ``filter``."""
+    _check_threshold(threshold)
     start = time.perf_counter()
     predictions = predict_tags(index, labels, templates=templates, trusted_field=trusted_field, k=k, method=method,
                                filter=filter, batch_size=batch_size, progress=progress)
     summary = write_tags(index.store, predictions, threshold=threshold, overwrite=overwrite, batch_size=batch_size,
                          progress=progress)
-    summary.k = k
     summary.seconds = time.perf_counter() - start
     return summary
 

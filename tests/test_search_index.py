@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import florence
+from florence.benchmarks.moving_fmnist import encode_video
 from florence.data.sources import read_idx
 from florence.data.transforms import build_transform
 from florence.search import DatabaseLocked, Index, ModelMismatch, SearchError, Store, walk_source
@@ -116,18 +117,6 @@ def test_embeddings_equal_an_independent_computation(material, tmp_path):
     assert {r["kind"] for r in rows.values()} == {"image"}
 
 
-def _write_mp4(path, frames):
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=8)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for t, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = t
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-
-
 def test_videos_are_mean_pooled_frames(material, tmp_path):
     """A 16-frame clip of a Fashion-MNIST item sliding right: 4 frames (centres 2, 6, 10, 14) decoded by a plain
     PyAV loop, embedded, unit-averaged and renormalised."""
@@ -137,7 +126,7 @@ def test_videos_are_mean_pooled_frames(material, tmp_path):
     clip = np.zeros((16, 32, 48, 3), np.uint8)
     for t in range(16):
         clip[t, 2:30, t:t + 28] = item
-    _write_mp4(folder / "clip.mp4", clip)
+    (folder / "clip.mp4").write_bytes(encode_video(clip))
     with Index(tmp_path / "s.db", "c", model=material["bundle"]) as index:
         summary = index.add(folder, progress=False, workers=0, frames=4)
         assert summary.indexed == 1 and index.store.info().frames == 4
