@@ -22,6 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from florence.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+from florence.errors import FlorenceError
+from florence.search import Index
+from florence.search.webapp import background_server, create_app
+
 __all__ = ["CHROMIUM", "CHROMEDRIVER", "chromium_missing", "chromium_driver", "run_query", "write_fmnist_pngs",
            "main"]
 
@@ -96,11 +104,6 @@ def run_query(driver, url: str, query: str, filter: str = "", top_k: int | None 
 
 def write_fmnist_pngs(out: Path, count: int, root: str | None = None) -> Path:
     """``count`` Fashion-MNIST test images (``count // 10`` per class, in file order) as ``out/<class>/<i>.png``."""
-    import numpy as np
-    from PIL import Image
-
-    from florence.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
-
     root = Path(root or FASHION_MNIST_DIR)
     images = read_idx(root / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")
@@ -128,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fmnist", type=int, default=0, metavar="N",
                         help="index N Fashion-MNIST test images first, when the collection does not exist")
     args = parser.parse_args(argv)
-
-    from florence.data.sources import FASHION_MNIST_CLASSES
-    from florence.errors import FlorenceError
-    from florence.search import Index
-    from florence.search.webapp import background_server, create_app
-
     missing = chromium_missing()
     if missing:
         print(f"error: cannot take the screenshot: {missing}", file=sys.stderr)

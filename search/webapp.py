@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -61,6 +62,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from florence.data.images import BadSample, decode_image
+from florence.data.video_decode import decode_frames
 from florence.errors import FlorenceError
 from florence.search.files import MEMBER_SEP, SourceFiles, read_member, walk_source
 from florence.search.index import Index
@@ -164,7 +166,6 @@ def _hit_dict(hit) -> dict[str, Any]:
 def _thumbnail(data: bytes | None, path: str | None, kind: str, size: int) -> bytes:
     """A JPEG of at most ``size`` pixels a side: the image, or a video's first frame."""
     if kind == "video":
-        from florence.data.video_decode import decode_frames
 
         image = Image.fromarray(decode_frames(path, [0])[0])
     else:
@@ -328,7 +329,6 @@ def create_app(index: Index, *, max_upload_bytes: int = 8 << 20, allow_index: bo
 def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> Iterator[str]:
     """Serve ``app`` with uvicorn on a thread (``port=0``: a free port) for the ``with`` block; yields its base URL
     (``http://127.0.0.1:PORT``). For tests, the page's screenshot and local load tests."""
-    import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -352,7 +352,6 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, log_level: st
 def serve(index: Index, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           **options: Any) -> None:
     """Run the app (:func:`create_app` with ``options``) with uvicorn, one process and one worker, until Ctrl-C."""
-    import uvicorn
 
     app = create_app(index, **options)
     if host not in ("127.0.0.1", "localhost", "::1"):
