@@ -28,7 +28,7 @@ from florence.search.dedup import write_duplicates_json
 from florence.search.embedder import PRECISIONS, Embedder
 from florence.search.files import walk_source
 from florence.search.index import Index
-from florence.search.indexer import index_files
+from florence.search.indexer import index_files, share_failure
 from florence.search.store import INDEX_TYPES, METRICS, SearchError, Store
 from florence.search.webapp import serve
 
@@ -109,11 +109,18 @@ def _index(args: argparse.Namespace) -> int:
         options: dict[str, Any] = dict(batch_size=args.batch_size, workers=args.workers, prune=args.prune,
                                        progress=not args.no_progress, index_type=args.index_type,
                                        index_params=args.index_params, metric=args.metric, frames=args.frames)
+        store, failure = None, None
         if env.is_main:
-            with Store(args.db, args.collection, args.token) as store:
-                summary = index_files(store, embedder, files, **options)
-        else:
-            summary = index_files(None, embedder, files, **options)
+            try:
+                store = Store(args.db, args.collection, args.token)
+            except FlorenceError as err:  # e.g. a held Lite path: every rank stops with it
+                failure = err
+        share_failure(failure)
+        try:
+            summary = index_files(store, embedder, files, **options)
+        finally:
+            if store is not None:
+                store.close()
     finally:
         shutdown_distributed()
     if env.is_main:

@@ -46,7 +46,8 @@ from florence.data.images import BadSample, decode_image
 from florence.data.video_decode import decode_frames, video_info
 from florence.search.embedder import Embedder
 from florence.search.files import MEMBER_SEP, FileItem, SourceFiles
-from florence.search.store import BASE_FIELDS, CollectionInfo, Store, row_id
+from florence.errors import FlorenceError
+from florence.search.store import BASE_FIELDS, CollectionInfo, SearchError, Store, row_id
 
 __all__ = ["IndexSummary", "DecodeFiles", "plan_rows", "index_files", "collection_info_for"]
 
@@ -233,6 +234,32 @@ def _embed_records(embedder: Embedder, records: list[dict[str, Any]]) -> dict[in
     return out
 
 
+def share_failure(failure: FlorenceError | None) -> None:
+    """Raise rank 0's user-fixable ``failure`` on every rank (under ``torch.distributed``; the others would otherwise
+    wait for rank 0 forever), or ``failure`` itself in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [str(failure) if failure is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise failure if failure is not None else SearchError(f"rank 0: {box[0]}")
+    elif failure is not None:
+        raise failure
+
+
+def _prepare_collection(store: Store, embedder: Embedder, source: SourceFiles, index_type: str,
+                        index_params: dict[str, Any] | None, metric: str, frames: int) -> int:
+    """Create the collection, or check its model and record new roots; the collection's frames per video."""
+    if store.exists():
+        store.check_model(embedder.sha256, embedder.name)
+        info = store.info()
+        if not set(source.roots) <= set(info.roots):
+            info.roots = sorted(set(info.roots) | set(source.roots))
+            store.set_info(info)
+    else:
+        store.create(collection_info_for(embedder, source.roots, index_type, index_params, metric, frames))
+    return store.info().frames
+
+
 def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *, batch_size: int = 64,
                 workers: int = 2, prune: bool = False, progress: bool = True, index_type: str = "FLAT",
                 index_params: dict[str, Any] | None = None, metric: str = "COSINE", frames: int = 8
@@ -246,21 +273,17 @@ def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *,
     rank, world = _distributed()
     start = time.perf_counter()
     summary = IndexSummary(skipped=list(source.skipped))
-    plan = None
+    plan, failure = None, None
     if rank == 0:
         if store is None:
             raise ValueError("rank 0 needs the store")
-        if store.exists():
-            store.check_model(embedder.sha256, embedder.name)
-            info = store.info()
-            if not set(source.roots) <= set(info.roots):
-                info.roots = sorted(set(info.roots) | set(source.roots))
-                store.set_info(info)
-        else:
-            store.create(collection_info_for(embedder, source.roots, index_type, index_params, metric, frames))
-        frames = store.info().frames
-        plan = plan_rows(list(store.rows(BASE_FIELDS)), source.items)
-        store.delete(plan.stale)
+        try:
+            frames = _prepare_collection(store, embedder, source, index_type, index_params, metric, frames)
+            plan = plan_rows(list(store.rows(BASE_FIELDS)), source.items)
+            store.delete(plan.stale)
+        except FlorenceError as err:
+            failure = err
+    share_failure(failure)
     if world > 1:
         box = [plan, frames]
         dist.broadcast_object_list(box, src=0)

@@ -49,6 +49,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # DataLoader workers fork beside Milvus Lite's in-process gRPC server
+from milvus_lite.server_manager import server_manager_instance  # noqa: E402
 from pymilvus import DataType, MilvusClient  # noqa: E402
 from pymilvus.exceptions import MilvusException  # noqa: E402
 
@@ -72,6 +73,9 @@ logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its RPC errors becom
 # Milvus Lite's in-process gRPC server logs a traceback for AllocTimestamp, which it does not implement and which the
 # query iterator falls back from; nothing else logs there.
 logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a held path: its traceback becomes DatabaseLocked
+
+_LITE_OPEN: dict[Path, int] = {}  # Lite path -> Stores open on it in this process (its server stops at zero)
 
 
 class SearchError(FlorenceError, ValueError):
@@ -186,11 +190,23 @@ def open_client(db: str | Path, token: str | None = None) -> MilvusClient:
         if path.exists():
             raise DatabaseLocked(_lock_message(path)) from None
         raise SearchError(f"cannot open the Milvus Lite database {path}: {err}") from None
+    _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
     _owner_file(path).write_text(json.dumps({"pid": os.getpid(), "command": " ".join(["florence", *sys.argv[1:]])
                                              if Path(sys.argv[0]).name in ("florence", "__main__.py") else
                                              " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}),
                                  encoding="utf-8")
     return client
+
+
+def close_lite(path: Path) -> None:
+    """One Store less on the Lite ``path``; at zero, stop its in-process server and remove the owner file."""
+    left = _LITE_OPEN.get(path, 0) - 1
+    if left > 0:
+        _LITE_OPEN[path] = left
+        return
+    _LITE_OPEN.pop(path, None)
+    server_manager_instance.release_server(str(path))
+    _owner_file(path).unlink(missing_ok=True)
 
 
 class Store:
@@ -200,6 +216,8 @@ class Store:
         self.db = str(db)
         self.collection = collection
         self.client = open_client(db, token)
+        self._closed = False
+        self._closed = False
         self._loaded = False
         self._info: CollectionInfo | None = None
 
@@ -208,9 +226,14 @@ class Store:
         return f"{self.db} collection {self.collection!r}"
 
     def close(self) -> None:
+        """Close the connection; the last Store of a Lite path in this process also stops its embedded server, so
+        that another process can open the path."""
+        if self._closed:
+            return
+        self._closed = True
         self.client.close()
         if not is_server_uri(self.db):
-            _owner_file(Path(self.db).expanduser().absolute()).unlink(missing_ok=True)
+            close_lite(Path(self.db).expanduser().absolute())
 
     def __enter__(self) -> Store:
         return self

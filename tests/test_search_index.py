@@ -216,6 +216,16 @@ def test_a_held_lite_path_names_its_holder(material, tmp_path):
         holder.kill()
         holder.wait()
     Store(db, "c").close()  # free again once the holder is gone
+    # a closed Store frees the path for other processes (the embedded server stops with the last Store)
+    first, second = Store(db, "c"), Store(db, "c")
+    first.close()
+    opener = [sys.executable, "-c", f"from florence.search import Store; Store({str(db)!r}, 'c').close()"]
+    held = subprocess.run(opener, capture_output=True, text=True, env=ENV)
+    assert held.returncode != 0 and "Traceback" in held.stderr and "DatabaseLocked" in held.stderr
+    assert "Failed to start MilvusLite" not in held.stderr  # milvus-lite's own traceback is not shown
+    second.close()
+    second.close()
+    assert subprocess.run(opener, capture_output=True, text=True, env=ENV).returncode == 0
 
 
 def test_cli_one_line_errors(material, tmp_path, capsys):
@@ -292,6 +302,10 @@ def test_torchrun_shards_across_two_gloo_ranks(material, tmp_path):
     assert summary["indexed"] == 50
     rows = _rows(db)
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in folder.rglob("*.png"))
+    # a failure on rank 0 (another model) stops every rank with the one-line error, nobody waits forever
+    other = [str(material["other"]) if part == str(material["bundle"]) else part for part in cmd]
+    failed = subprocess.run(other, capture_output=True, text=True, env=ENV, timeout=300)
+    assert failed.returncode != 0 and "was embedded with model" in failed.stderr
     # the same vectors as one process computes
     with Index(tmp_path / "one.db", "c", model=material["bundle"]) as index:
         index.add(folder, progress=False, workers=0)
