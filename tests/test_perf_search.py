@@ -111,7 +111,6 @@ def test_search_script_reports_stages_latency_recall_variants_and_load(fake_fmni
     for r in result["latency"]:
         for kind in ("text", "image", "db"):
             assert 0 < r[kind]["p50"] <= r[kind]["p95"]
-        assert r["text"]["p50"] >= r["db"]["p50"] * 0.5  # total includes the search
     # Milvus FLAT is exact: it must agree with numpy's exact search; HNSW on 40 rows finds the same
     assert result["recall"]["FLAT vs numpy"] == 1.0
     assert result["recall"]["HNSW vs FLAT"] >= 0.95

@@ -42,7 +42,8 @@ path under a temporary ``--work-dir``. Four parts:
    any non-200 answer or transport error), latency p50 / p95 / p99 of the answered requests, requests/s.
 
 On a shared 2-core machine any other busy process slows every part: measure on a quiet machine (the JSON records
-the 1-minute load average before and after each part).
+the 1-minute load average before and after each part). There, two torch threads suffer most: while other processes
+ran, eager fp32 embedding of the demo model measured 309 images/s with ``--threads 2`` and 2,800 with ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -395,14 +396,36 @@ class Run:
     texts: list[str] = field(default_factory=list)  # the text prompts
     query_files: list = field(default_factory=list)  # FileItems of the image queries
     query_bytes: list[bytes] = field(default_factory=list)
+    rounds: list[np.ndarray] = field(default_factory=list)  # indices into source.items of each round of part 1
+    insert_store: Store | None = None  # the insert-alone collection (created and dropped each round)
     indexed: list[Index] = field(default_factory=list)  # the end-to-end collections, one per round
     batches: list[torch.Tensor] = field(default_factory=list)  # the kept decoded images
     fp32: tuple[np.ndarray, float, float] | None = None  # their eager fp32 embeddings, warm-up s, seconds
     copies: dict[str, Index] = field(default_factory=dict)  # index type -> the real copy
+    synthetic: dict[str, Index] = field(default_factory=dict)  # index type -> the synthetic collection
     load_average: dict[str, float] = field(default_factory=dict)
 
     def mark(self, when: str) -> None:
         self.load_average[when] = os.getloadavg()[0]
+
+    def open_collections(self) -> None:
+        """Open every Milvus client of the run up front. Measured: a new ``MilvusClient`` on a Lite path this process
+        already serves can fail minutes into a run (after the in-process server's gRPC "too_many_pings" GOAWAY on an
+        idle channel; ``Store`` reports it as ``DatabaseLocked``); clients opened before keep working."""
+        n = len(self.source.items)
+        self.rounds = np.array_split(np.arange(n), max(1, min(self.args.stage_rounds, n)))
+        self.insert_store = Store(self.db, "insert_alone")
+        self.indexed = [Index(self.db, f"end_to_end_{r}", embedder=self.embedder) for r in range(len(self.rounds))]
+        self.copies = {t: Index(self.db, f"real_{t.lower()}", embedder=self.embedder) for t in self.args.index_types}
+        if self.args.synthetic:
+            self.synthetic = {t: Index(self.db, f"synthetic_{t.lower()}", embedder=self.embedder)
+                              for t in self.args.index_types}
+
+    def close(self) -> None:
+        for index in (*self.copies.values(), *self.synthetic.values(), *self.indexed):
+            index.close()
+        if self.insert_store is not None:
+            self.insert_store.close()
 
 
 STAGES = ("decode", "embed", "insert", "end to end")
@@ -412,16 +435,12 @@ def part_stages(run: Run) -> dict:
     args, embedder, keep = run.args, run.embedder, run.args.embed_images or len(run.source.items)
     seconds: dict[str, list[float]] = {stage: [] for stage in STAGES}
     images, ratios, summaries, kept_vectors, warmup = [], [], [], [], 0.0
-    for r, part in enumerate(np.array_split(np.arange(len(run.source.items)),
-                                                 max(1, min(args.stage_rounds, len(run.source.items))))):
+    for part, index in zip(run.rounds, run.indexed):
         chunk = SourceFiles([run.source.items[i] for i in part], run.source.roots)
         decode_s, batches = decode_alone(chunk.items, embedder, args.batch_size, args.workers)
         vectors, w, embed_s = embed_batches(embedder, batches)
         warmup += w
-        with Store(run.db, f"insert_alone_{r}") as store:
-            insert_s = insert_alone(store, embedder, chunk, args.batch_size, run.rng)
-        index = Index(run.db, f"end_to_end_{r}", embedder=embedder)
-        run.indexed.append(index)
+        insert_s = insert_alone(run.insert_store, embedder, chunk, args.batch_size, run.rng)
         start = time.perf_counter()
         summaries.append(index.add(chunk, batch_size=args.batch_size, workers=args.workers, progress=False).to_dict())
         e2e_s = time.perf_counter() - start
@@ -458,11 +477,8 @@ def part_latency(run: Run) -> dict:
     real_rows = [row for index in run.indexed for row in index.store.rows(("*",))]  # every field, the vector too
     for index in run.indexed:
         index.store.drop()
-        index.close()
-    run.indexed = []
     rows = []
-    for index_type in args.index_types:
-        copy = run.copies[index_type] = Index(run.db, f"real_{index_type.lower()}", embedder=embedder)
+    for index_type, copy in run.copies.items():
         info = collection_info_for(embedder, run.source.roots, index_type)
         count, insert_s = fill_collection(copy, info, (real_rows[i:i + CHUNK] for i in range(0, len(real_rows), CHUNK)))
         if index_type == "FLAT":  # as Index.add leaves it: rows in Lite's memtable, brute-forced on every search
@@ -483,8 +499,7 @@ def part_latency(run: Run) -> dict:
         recall.update({f"{t} vs FLAT": overlap(f, found["FLAT"], k)[1] for t, f in found.items() if t != "FLAT"})
     if args.synthetic:
         base = random_unit(args.synthetic, embedder.dim, run.rng)  # N, D
-        for index_type in args.index_types:
-            synth = Index(run.db, f"synthetic_{index_type.lower()}", embedder=embedder)
+        for index_type, synth in run.synthetic.items():
             info = collection_info_for(embedder, ["/synthetic"], index_type)
             chunks = ([{"id": f"{j:x}", "vector": base[j].tolist(), "path": f"/synthetic/{j}.png", "kind": "image",
                         "content_hash": "", "size": 0, "mtime": 0.0} for j in range(i, min(i + CHUNK, len(base)))]
@@ -494,7 +509,6 @@ def part_latency(run: Run) -> dict:
             rows.append(LatencyRow("synthetic", index_type, count, insert_s, build_s,
                                    **query_latency(synth, texts, run.query_bytes, k)))
             synth.store.drop()
-            synth.close()
     print(f"\n2. single-query latency ({len(texts)} text + {len(run.query_bytes)} image queries, top {k}; total = "
           f"query embedding + search, db = search alone; build = flush + reload)\n")
     print(latency_table(rows))
@@ -559,14 +573,14 @@ def run_parts(run: Run) -> dict:
     run.query_files = run.pick.sample(run.source.items, min(run.args.queries, len(run.source.items)))
     run.query_bytes = [item.read_bytes() for item in run.query_files]
     try:
+        run.open_collections()
         for name, part in (("stages", part_stages), ("latency", part_latency), ("embedding", part_embedding),
                            ("load test", part_load)):
             if name != "load test" or run.args.load_clients > 0:
                 out.update(part(run))
                 run.mark(f"after {name}")
     finally:
-        for index in (*run.copies.values(), *run.indexed):
-            index.close()
+        run.close()
     out["load_average"] = run.load_average
     return out
 
