@@ -90,6 +90,8 @@ def index_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true", help="delete rows whose files are gone")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decoding processes (0: decode in the main process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for embedding (default: the cores minus --workers, at least 1)")
     p.add_argument("--index-type", choices=INDEX_TYPES, default="FLAT",
                    help="vector index of a new collection: FLAT (exact; default) or HNSW/IVF for large ones")
     p.add_argument("--index-params", type=json.loads, default=None,
@@ -108,7 +110,8 @@ def _index(args: argparse.Namespace) -> int:
         embedder = Embedder(args.model, env.device if env.distributed else args.device, args.precision, args.compile)
         options: dict[str, Any] = dict(batch_size=args.batch_size, workers=args.workers, prune=args.prune,
                                        progress=not args.no_progress, index_type=args.index_type,
-                                       index_params=args.index_params, metric=args.metric, frames=args.frames)
+                                       index_params=args.index_params, metric=args.metric, frames=args.frames,
+                                       threads=args.threads)
         store, failure = None, None
         if env.is_main:
             try:

@@ -81,14 +81,14 @@ class Index:
 
     def add(self, source: str | Path | SourceFiles, *, prune: bool = False, batch_size: int = 64, workers: int = 2,
             progress: bool = True, index_type: str = "FLAT", index_params: dict[str, Any] | None = None,
-            metric: str = "COSINE", frames: int = 8) -> IndexSummary:
+            metric: str = "COSINE", frames: int = 8, threads: int | None = None) -> IndexSummary:
         """Index a folder, CSV table or webdataset shards (:mod:`florence.search.files`), incrementally
         (:mod:`florence.search.indexer`). ``index_type`` / ``index_params`` / ``metric`` / ``frames`` apply when the
-        collection is created."""
+        collection is created; ``threads``: torch threads while embedding (default: the cores minus ``workers``)."""
         files = source if isinstance(source, SourceFiles) else walk_source(source)
         return index_files(self.store, self.embedder, files, batch_size=batch_size, workers=workers, prune=prune,
                            progress=progress, index_type=index_type, index_params=index_params, metric=metric,
-                           frames=frames)
+                           frames=frames, threads=threads)
 
     # --- reading --------------------------------------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ from florence.search.files import MEMBER_SEP, FileItem, SourceFiles
 from florence.errors import FlorenceError
 from florence.search.store import BASE_FIELDS, CollectionInfo, SearchError, Store, row_id
 
-__all__ = ["IndexSummary", "DecodeFiles", "plan_rows", "index_files", "collection_info_for"]
+__all__ = ["IndexSummary", "DecodeFiles", "collate_records", "plan_rows", "index_files", "collection_info_for"]
 
 
 @dataclass
@@ -88,7 +88,7 @@ class IndexSummary:
                 "embedded_per_s": self.embedded_per_s, "stage_seconds": self.stage_seconds}
 
 
-# --- stage 1: read, hash, decode (DataLoader workers) ------------------------------------------------------------------
+# --- stage 1: read, hash, decode (DataLoader workers) -----------------------------------------------------------------
 
 
 class DecodeFiles(Dataset):
@@ -126,8 +126,17 @@ class DecodeFiles(Dataset):
         return {"i": i, "kind": item.kind, "hash": digest, "pixels": pixels}
 
 
-def _as_list(batch: list) -> list:
-    return batch
+def collate_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of :class:`DecodeFiles` records -> ``{"records": the records without pixels, "image": (Bi, C, H, W) or
+    None, "image_i": their record indices, "video": (Bv, F, C, H, W) or None, "video_i": ...}``. Stacking here, in the
+    DataLoader worker, sends one tensor per kind to the embedding process instead of one per file (about twice the
+    decode throughput on 28 px images)."""
+    out: dict[str, Any] = {"records": [{k: v for k, v in r.items() if k != "pixels"} for r in records]}
+    for kind in ("image", "video"):
+        group = [r for r in records if r["kind"] == kind]
+        out[kind] = torch.stack([r["pixels"] for r in group]) if group else None
+        out[f"{kind}_i"] = [r["i"] for r in group]
+    return out
 
 
 # --- the plan ---------------------------------------------------------------------------------------------------------
@@ -174,7 +183,8 @@ def collection_info_for(embedder: Embedder, roots: Sequence[str], index_type: st
                         index_params: dict[str, Any] | None = None, metric: str = "COSINE", frames: int = 8
                         ) -> CollectionInfo:
     return CollectionInfo(model_sha256=embedder.sha256, dim=embedder.dim, preprocess=embedder.preprocess,
-                          model_name=embedder.name, model_path=embedder.source, roots=sorted(set(roots)), index_type=index_type,
+                          model_name=embedder.name, model_path=embedder.source, roots=sorted(set(roots)),
+                          index_type=index_type,
                           index_params=dict(index_params or {}), metric=metric, frames=frames)
 
 
@@ -223,14 +233,12 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _embed_records(embedder: Embedder, records: list[dict[str, Any]]) -> dict[int, np.ndarray]:
-    """Record index ``i`` -> its unit embedding, for the image and video records of one batch."""
+def _embed_batch(embedder: Embedder, batch: dict[str, Any]) -> dict[int, np.ndarray]:
+    """Record index ``i`` -> its unit embedding, for the images and videos of one :func:`collate_records` batch."""
     out = {}
     for kind, embed in (("image", embedder.embed_batch), ("video", embedder.embed_video_batch)):
-        group = [r for r in records if r["kind"] == kind]
-        if group:
-            vectors = embed(torch.stack([r["pixels"] for r in group]))  # B, D
-            out.update({r["i"]: v for r, v in zip(group, vectors)})
+        if batch.get(kind) is not None:
+            out.update(zip(batch[f"{kind}_i"], embed(batch[kind])))  # B, D
     return out
 
 
@@ -262,14 +270,31 @@ def _prepare_collection(store: Store, embedder: Embedder, source: SourceFiles, i
 
 def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *, batch_size: int = 64,
                 workers: int = 2, prune: bool = False, progress: bool = True, index_type: str = "FLAT",
-                index_params: dict[str, Any] | None = None, metric: str = "COSINE", frames: int = 8
-                ) -> IndexSummary:
+                index_params: dict[str, Any] | None = None, metric: str = "COSINE", frames: int = 8,
+                threads: int | None = None) -> IndexSummary:
     """Bring ``store``'s collection up to date with ``source`` (module docstring); the :class:`IndexSummary`.
+
+    ``threads``: torch threads for embedding during the run (restored after); default: the cores this process may
+    use minus the decoding ``workers`` (at least 1), so that decoding and embedding do not fight over the cores
+    (measured on 2 cores under load: 1 thread + 2 workers index 2.2x faster than 2 threads + 2 workers).
 
     Under ``torch.distributed`` every rank calls this with the same ``source``; only rank 0 passes a ``store``. The
     collection is created on first use with ``index_type`` / ``index_params`` / ``metric`` / ``frames``; an existing
     one must have been built with ``embedder``'s model (:class:`florence.search.store.ModelMismatch`).
     """
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - workers))
+    try:
+        return _index_files(store, embedder, source, batch_size=batch_size, workers=workers, prune=prune,
+                            progress=progress, index_type=index_type, index_params=index_params, metric=metric,
+                            frames=frames)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *, batch_size: int, workers: int,
+                 prune: bool, progress: bool, index_type: str, index_params: dict[str, Any] | None, metric: str,
+                 frames: int) -> IndexSummary:
     rank, world = _distributed()
     start = time.perf_counter()
     summary = IndexSummary(skipped=list(source.skipped))
@@ -292,7 +317,7 @@ def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *,
     summary.skipped += plan.duplicates
     mine = list(range(rank, len(plan.work), world))  # this rank's share of the work items
     dataset = DecodeFiles([plan.work[i] for i in mine], embedder.transform, frames, plan.known)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_records,
                         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
     steps = torch.tensor([len(loader)])
     if world > 1:
@@ -306,9 +331,10 @@ def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *,
     try:
         for _ in range(int(steps)):
             tick = time.perf_counter()
-            records = next(batches, [])
+            batch = next(batches, {"records": []})
+            records = batch["records"]
             tock = time.perf_counter()
-            vectors = _embed_records(embedder, records)
+            vectors = _embed_batch(embedder, batch)
             embed_s += time.perf_counter() - tock
             wait_s += tock - tick
             results = [(mine[r["i"]], r["kind"], r.get("hash"), vectors.get(r["i"]), r.get("reason")) for r in records]
@@ -330,6 +356,8 @@ def index_files(store: Store | None, embedder: Embedder, source: SourceFiles, *,
             writer.jobs.put(None)
     if rank == 0 and prune:
         summary.pruned = prune_missing(store, source)
+    if rank == 0 and (summary.embedded or summary.pruned or plan.stale):
+        store.flush()  # searches scan unflushed rows by brute force; vector indexes cover flushed segments only
     if world > 1:
         box = [summary]
         dist.broadcast_object_list(box, src=0)

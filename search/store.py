@@ -60,8 +60,9 @@ __all__ = ["SearchError", "DatabaseLocked", "ModelMismatch", "CollectionInfo", "
 
 INDEX_TYPES = ("FLAT", "HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8")
 METRICS = ("COSINE", "IP")
-DEFAULT_INDEX_PARAMS = {"FLAT": {}, "HNSW": {"M": 16, "efConstruction": 200}, "HNSW_SQ": {"M": 16, "efConstruction": 200,
-                        "sq_type": "SQ8"}, "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}}
+DEFAULT_INDEX_PARAMS = {"FLAT": {}, "HNSW": {"M": 16, "efConstruction": 200},
+                        "HNSW_SQ": {"M": 16, "efConstruction": 200, "sq_type": "SQ8"},
+                        "IVF_FLAT": {"nlist": 1024}, "IVF_SQ8": {"nlist": 1024}}
 DEFAULT_SEARCH_PARAMS = {"FLAT": {}, "HNSW": {"ef": 128}, "HNSW_SQ": {"ef": 128}, "IVF_FLAT": {"nprobe": 32},
                          "IVF_SQ8": {"nprobe": 32}}
 BASE_FIELDS = ("id", "path", "kind", "content_hash", "size", "mtime")
@@ -104,7 +105,7 @@ class CollectionInfo:
     dim: int
     preprocess: dict[str, Any]
     model_name: str = ""
-    model_path: str = ""  # the bundle directory it was indexed with (``florence search`` uses it when --model is absent)
+    model_path: str = ""  # the bundle it was indexed with (``florence search`` uses it when --model is absent)
     roots: list[str] = field(default_factory=list)
     index_type: str = "FLAT"
     index_params: dict[str, Any] = field(default_factory=dict)
@@ -158,6 +159,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _held_by_us(db: Path) -> bool:
+    """This process has Stores open on ``db`` (then a failure to open is not another process's lock)."""
+    return _LITE_OPEN.get(db, 0) > 0
+
+
 def _lock_message(db: Path) -> str:
     owner = _owner_file(db)
     holder = "another process"
@@ -187,7 +193,7 @@ def open_client(db: str | Path, token: str | None = None) -> MilvusClient:
     try:
         client = MilvusClient(str(path))
     except Exception as err:  # milvus-lite raises several types for a held data dir; all end here
-        if path.exists():
+        if path.exists() and not _held_by_us(path):
             raise DatabaseLocked(_lock_message(path)) from None
         raise SearchError(f"cannot open the Milvus Lite database {path}: {err}") from None
     _LITE_OPEN[path] = _LITE_OPEN.get(path, 0) + 1
@@ -249,8 +255,8 @@ class Store:
     def create(self, info: CollectionInfo) -> None:
         """Create the collection with our schema and ``info``'s vector index."""
         if info.index_type not in INDEX_TYPES:
-            raise SearchError(f"index type {info.index_type!r} is not one of {', '.join(INDEX_TYPES)} (what Milvus Lite "
-                              f"loads; IVF_PQ, SCANN, DISKANN and GPU indexes are refused at load)")
+            raise SearchError(f"index type {info.index_type!r} is not one of {', '.join(INDEX_TYPES)} (what Milvus "
+                              f"Lite loads; IVF_PQ, SCANN, DISKANN and GPU indexes are refused at load)")
         if info.metric not in METRICS:
             raise SearchError(f"metric {info.metric!r} is not one of {', '.join(METRICS)}")
         info.index_params = {**DEFAULT_INDEX_PARAMS[info.index_type], **info.index_params}
@@ -298,6 +304,15 @@ class Store:
         if not self._loaded:
             self.client.load_collection(self.collection)
             self._loaded = True
+
+    def flush(self) -> None:
+        """Seal the rows written so far into segments and reload the collection. Milvus Lite keeps fresh rows in an
+        in-memory buffer that every search scans by brute force (70k rows: 1.2 s against 0.17 s per query once
+        flushed) and builds HNSW / IVF indexes only for flushed segments, at load (measured)."""
+        self.client.flush(self.collection)
+        self.client.release_collection(self.collection)
+        self.client.load_collection(self.collection)
+        self._loaded = True
 
     def drop(self) -> None:
         self.client.drop_collection(self.collection)
@@ -363,5 +378,5 @@ class Store:
         except MilvusException as err:
             raise SearchError(f"{self.where}: search failed: {err.message}"
                               + (f" (filter {filter!r})" if filter else "")) from None
-        return [[Hit(str(h["id"]), float(h["distance"]), {k: v for k, v in h.get("entity", {}).items() if k != "vector"})
-                 for h in hits] for hits in result]
+        return [[Hit(str(h["id"]), float(h["distance"]),
+                     {k: v for k, v in h.get("entity", {}).items() if k != "vector"}) for h in hits] for hits in result]

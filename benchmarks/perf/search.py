@@ -71,7 +71,7 @@ from florence.errors import FlorenceError
 from florence.search.embedder import Embedder
 from florence.search.files import SourceFiles, walk_source
 from florence.search.index import Index
-from florence.search.indexer import DecodeFiles, collection_info_for
+from florence.search.indexer import DecodeFiles, collate_records, collection_info_for
 from florence.search.store import INDEX_TYPES, Store
 
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a close-up photo of a {}.",
@@ -99,22 +99,18 @@ class StageRow:
     images_per_s: float
 
 
-def _records(batch: list) -> list:
-    return batch
-
-
 def decode_alone(items, embedder: Embedder, batch_size: int, workers: int) -> tuple[float, list[torch.Tensor]]:
     """Stage 1 alone: every item through ``DecodeFiles`` in the indexer's DataLoader; the seconds, and the decoded
-    images as ``(B, C, H, W)`` batches (stacked after the clock stops)."""
+    images as ``(B, C, H, W)`` batches (stacked in the workers, as the indexer does)."""
     dataset = DecodeFiles(items, embedder.transform, frames=8)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_records,
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_records,
                         prefetch_factor=4 if workers > 0 else None)
     decoded = []
     start = time.perf_counter()
-    for records in loader:
-        decoded.append([r["pixels"] for r in records if r["kind"] == "image"])
+    for batch in loader:
+        decoded.append(batch["image"])
     seconds = time.perf_counter() - start
-    return seconds, [torch.stack(b) for b in decoded if b]
+    return seconds, [b for b in decoded if b is not None]
 
 
 @dataclass
@@ -238,10 +234,8 @@ def fill_collection(index: Index, info, chunks) -> tuple[int, float]:
 def flush_and_load(index: Index) -> float:
     """Flush, release and load ``index``'s collection (Milvus Lite builds the vector index of the flushed segments at
     load); the seconds."""
-    store, start = index.store, time.perf_counter()
-    store.client.flush(store.collection)
-    store.client.release_collection(store.collection)
-    store.client.load_collection(store.collection)
+    start = time.perf_counter()
+    index.store.flush()
     return time.perf_counter() - start
 
 
