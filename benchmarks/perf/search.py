@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -73,6 +74,7 @@ from florence.search.files import SourceFiles, walk_source
 from florence.search.index import Index
 from florence.search.indexer import DecodeFiles, collate_records, collection_info_for
 from florence.search.store import INDEX_TYPES, Store
+from florence.search.webapp import background_server, create_app
 
 TEMPLATES = ("a photo of a {}.", "a {}.", "a picture of a {}.", "a close-up photo of a {}.",
              "a black and white photo of a {}.")
@@ -267,7 +269,6 @@ def overlap(a: Sequence[set], b: Sequence[set], top_k: int) -> tuple[float, floa
 
 async def _clients(url: str, clients: int, seconds: float, texts: Sequence[str], images: Sequence[tuple[str, bytes]],
                    top_k: int) -> dict:
-    import httpx
 
     latency: dict[str, list[float]] = {"text": [], "image": []}
     errors: list[str] = []
@@ -319,8 +320,6 @@ def run_load_test(app, texts: Sequence[str], images: Sequence[tuple[str, bytes]]
     """Serve ``app`` (ASGI) on 127.0.0.1 (``florence.search.webapp.background_server``: uvicorn on a thread, a free
     port); ``clients`` concurrent clients in a forked process send alternating text and image queries for ``seconds``;
     the figures (module docstring, part 4)."""
-    from florence.search.webapp import background_server
-
     with background_server(app) as url:
         ctx = multiprocessing.get_context("fork")  # the clients need none of this process's state (torch, Milvus)
         parent, child = ctx.Pipe(duplex=False)
@@ -542,11 +541,6 @@ def part_embedding(run: Run) -> dict:
 def part_load(run: Run) -> dict:
     args = run.args
     print(f"\n4. load test ({args.load_clients} clients x {args.load_seconds:g} s, alternating text and image)\n")
-    try:
-        from florence.search.webapp import create_app
-    except ImportError as err:
-        print(f"pending: florence.search.webapp is not importable ({err})")
-        return {"load": {"status": f"pending: florence.search.webapp is not importable ({err})"}}
     served = run.copies[args.load_index]
     images = [(Path(item.path).name, data) for item, data in zip(run.query_files, run.query_bytes)]
     load = run_load_test(create_app(served), run.texts, images, args.load_clients, args.load_seconds, args.top_k)
