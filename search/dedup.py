@@ -27,7 +27,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from pymilvus.exceptions import MilvusException
 from tqdm import tqdm
 
 from florence.search.store import SearchError, Store
@@ -143,15 +142,11 @@ def find_duplicates(store: Store, threshold: float = 0.95, *, filter: str = "", 
     if chunk < 1:
         raise SearchError(f"chunk must be at least 1, got {chunk}")
     ids, paths, hashes, vectors = [], [], [], []
-    try:
-        for row in store.rows(("id", "path", "content_hash", "vector"), filter):
-            ids.append(row["id"])
-            paths.append(row["path"])
-            hashes.append(row["content_hash"])
-            vectors.append(row["vector"])
-    except MilvusException as err:
-        raise SearchError(f"{store.where}: cannot read rows: {err.message}"
-                          + (f" (filter {filter!r})" if filter else "")) from None
+    for row in store.rows(("id", "path", "content_hash", "vector"), filter):
+        ids.append(row["id"])
+        paths.append(row["path"])
+        hashes.append(row["content_hash"])
+        vectors.append(row["vector"])
     if not ids:
         return []
     X = np.asarray(vectors, np.float32).reshape(len(ids), -1)  # N, D

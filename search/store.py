@@ -345,15 +345,20 @@ class Store:
 
     def rows(self, fields: Sequence[str] = BASE_FIELDS, filter: str = "", batch_size: int = _QUERY_PAGE
              ) -> Iterator[dict[str, Any]]:
-        """Every row matching ``filter`` (all rows by default), ``fields`` of each, in pages (a query iterator)."""
+        """Every row matching ``filter`` (all rows by default), ``fields`` of each, in pages (a query iterator); a bad
+        filter or field is a :class:`SearchError` naming it."""
         self.ensure_loaded()
-        iterator = self.client.query_iterator(self.collection, batch_size=batch_size, filter=filter,
-                                              output_fields=list(fields))
         try:
-            while page := iterator.next():
-                yield from page
-        finally:
-            iterator.close()
+            iterator = self.client.query_iterator(self.collection, batch_size=batch_size, filter=filter,
+                                                  output_fields=list(fields))
+            try:
+                while page := iterator.next():
+                    yield from page
+            finally:
+                iterator.close()
+        except MilvusException as err:
+            raise SearchError(f"{self.where}: cannot read fields {list(fields)}: {err.message}"
+                              + (f" (filter {filter!r})" if filter else "")) from None
 
     def vectors(self, filter: str = "") -> tuple[list[str], np.ndarray]:
         """``(ids, (N, D) float32 vectors)`` of every row matching ``filter``."""

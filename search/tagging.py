@@ -46,7 +46,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from pymilvus.exceptions import MilvusException
 from tqdm import tqdm
 
 from florence.adapters import zeroshot as zs
@@ -195,23 +194,11 @@ def read_field(store: Store, name: str, filter: str = "") -> dict[str, str]:
     """``{id: value}`` of the rows matching ``filter`` whose metadata field ``name`` holds a non-empty value (as a
     stripped string: a CSV number ``3`` reads ``"3"``)."""
     out = {}
-    try:
-        for row in store.rows(("id", name), filter):
-            value = row.get(name)
-            if value is not None and str(value).strip():
-                out[row["id"]] = str(value).strip()
-    except MilvusException as err:
-        raise SearchError(f"{store.where}: cannot read field {name!r}: {err.message}"
-                          + (f" (filter {filter!r})" if filter else "")) from None
+    for row in store.rows(("id", name), filter):
+        value = row.get(name)
+        if value is not None and str(value).strip():
+            out[row["id"]] = str(value).strip()
     return out
-
-
-def _vectors(store: Store, filter: str) -> tuple[list[str], np.ndarray]:
-    try:
-        return store.vectors(filter)
-    except MilvusException as err:
-        raise SearchError(f"{store.where}: cannot read rows: {err.message}"
-                          + (f" (filter {filter!r})" if filter else "")) from None
 
 
 def _trusted_vectors(store: Store, trusted: Mapping[str, str], ids: list[str], vectors: np.ndarray,
@@ -275,7 +262,7 @@ def predict_tags(index: Index, labels: Sequence[str] | None, *, templates: Seque
         raise SearchError(f"k must be at least 1, got {k}")
     labels = _check_labels(labels)
     store = index.store
-    ids, X = vectors if vectors is not None else _vectors(store, filter)  # N, D
+    ids, X = vectors if vectors is not None else store.vectors(filter)  # N, D
     if trusted is None:
         trusted = read_field(store, _check_field(trusted_field, "trusted field")) if trusted_field else {}
     trusted = {row_id: str(value).strip() for row_id, value in trusted.items() if str(value).strip()}
@@ -414,16 +401,12 @@ def stored_tag_accuracy(store: Store, truth_field: str, *, filter: str = "",
     with a truth value but no tag (below the threshold or never tagged)."""
     truth_field = _check_field(truth_field, "truth field")
     pairs, untagged = [], 0
-    try:
-        for row in store.rows(("id", truth_field, *TAG_FIELDS), filter):
-            value = row.get(truth_field)
-            if value is None or not str(value).strip():
-                continue
-            if row.get("tag") is None:
-                untagged += 1
-            elif row.get("tag_method") in methods:
-                pairs.append((str(row["tag"]), str(value).strip(), float(row.get("tag_confidence") or 0.0)))
-    except MilvusException as err:
-        raise SearchError(f"{store.where}: cannot read tags: {err.message}"
-                          + (f" (filter {filter!r})" if filter else "")) from None
+    for row in store.rows(("id", truth_field, *TAG_FIELDS), filter):
+        value = row.get(truth_field)
+        if value is None or not str(value).strip():
+            continue
+        if row.get("tag") is None:
+            untagged += 1
+        elif row.get("tag_method") in methods:
+            pairs.append((str(row["tag"]), str(value).strip(), float(row.get("tag_confidence") or 0.0)))
     return {**_accuracy(pairs, 0.0), "untagged": untagged}
