@@ -1,12 +1,12 @@
 """A screenshot of the ``florence serve`` page, taken in headless Chromium (the README's picture).
 
     python -m florence.benchmarks.search_screenshot --db /tmp/fmnist_web.db --collection fmnist \\
-        --model runs/demo/pretrain/final --out docs/search_screenshot.png --query "a photo of a bag" --fmnist 2000
+        --model runs/demo/pretrain/final --out docs/search_screenshot.png --query "a photo of a Bag" --fmnist 2000
 
 starts the app (:func:`florence.search.webapp.create_app`) on a free localhost port, loads the page in Debian's
 ``chromium`` driven by ``chromedriver`` through selenium, types the query, waits for the result grid and saves a
-``--width`` x ``--height`` PNG. ``--fmnist N`` first writes N Fashion-MNIST test images (N/10 per class) as PNGs
-beside the database, indexes them and tags them zero-shot with the class names, when the collection does not exist
+``--width`` x ``--height`` PNG. ``--fmnist N`` first writes the first N Fashion-MNIST test images as PNGs
+(``florence.benchmarks.fmnist_files``) beside the database, indexes them and tags them zero-shot with the class names, when the collection does not exist
 yet.
 
 A browser that downloads its own build cannot run here; Debian's ``chromium`` and ``chromium-driver`` packages can
@@ -22,16 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
-from florence.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+from florence.benchmarks.fmnist_files import write_fashion_mnist_files
+from florence.data.sources import FASHION_MNIST_CLASSES
 from florence.errors import FlorenceError
 from florence.search import Index
 from florence.search.webapp import background_server, create_app
 
-__all__ = ["CHROMIUM", "CHROMEDRIVER", "chromium_missing", "chromium_driver", "run_query", "write_fmnist_pngs",
-           "main"]
+__all__ = ["CHROMIUM", "CHROMEDRIVER", "chromium_missing", "chromium_driver", "run_query", "main"]
 
 CHROMIUM = os.environ.get("FLORENCE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("FLORENCE_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -102,20 +100,6 @@ def run_query(driver, url: str, query: str, filter: str = "", top_k: int | None 
     return driver.find_elements(By.CSS_SELECTOR, "#results .result")
 
 
-def write_fmnist_pngs(out: Path, count: int, root: str | None = None) -> Path:
-    """``count`` Fashion-MNIST test images (``count // 10`` per class, in file order) as ``out/<class>/<i>.png``."""
-    root = Path(root or FASHION_MNIST_DIR)
-    images = read_idx(root / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(root / "t10k-labels-idx1-ubyte.gz")
-    per_class = max(1, count // len(FASHION_MNIST_CLASSES))
-    for label, name in enumerate(FASHION_MNIST_CLASSES):
-        folder = out / name.replace("/", "-").replace(" ", "_").lower()
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(labels == label)[:per_class]:
-            Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m florence.benchmarks.search_screenshot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collection", required=True)
     parser.add_argument("--model", required=True, help="the model bundle that built the collection")
     parser.add_argument("--out", default="docs/search_screenshot.png")
-    parser.add_argument("--query", default="a photo of a bag")
+    parser.add_argument("--query", default="a photo of a Bag")
     parser.add_argument("--filter", default="")
     parser.add_argument("--top-k", type=int, default=24)
     parser.add_argument("--width", type=int, default=1100)
@@ -138,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Index(args.db, args.collection, model=args.model) as index:
             if args.fmnist and not index.store.exists():
-                pngs = write_fmnist_pngs(Path(args.db).absolute().parent / f"{args.collection}_png", args.fmnist)
-                print(index.add(pngs, workers=0).text())
-                labels = [name.lower() for name in FASHION_MNIST_CLASSES]
-                print(index.tag(labels))  # zero-shot tags, so the cards show some
+                table = write_fashion_mnist_files(Path(args.db).absolute().parent / f"{args.collection}_png",
+                                                  splits=("test",), limit=args.fmnist)
+                print(index.add(table, workers=0).text())
+                print(index.tag(list(FASHION_MNIST_CLASSES)).text())  # zero-shot tags, so the cards show some
             app = create_app(index, allow_index=False)
             driver = chromium_driver(args.width, args.height)
             try:

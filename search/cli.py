@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from florence.data.sources import load_class_names
 from florence.engine.distributed import init_distributed, shutdown_distributed
 from florence.errors import FlorenceError
 from florence.search.contact_sheet import write_contact_sheet
@@ -206,16 +207,12 @@ def tag_parser() -> argparse.ArgumentParser:
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
+    """``--labels-file`` (one a line, or a JSON list; ``florence.data.sources.load_class_names``) or ``--labels``."""
     if args.labels_file is not None:
-        path = Path(args.labels_file)
-        if not path.is_file():
-            raise SearchError(f"--labels-file {path}: no such file")
-        labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                  if ln.strip() and not ln.strip().startswith("#")]
-    else:
-        labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+        return [name if isinstance(name, str) else name[0] for name in load_class_names(args.labels_file)]
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if not labels:
-        raise SearchError(f"{args.labels_file or '--labels'}: no labels")
+        raise SearchError("--labels: no labels")
     return labels
 
 

@@ -12,20 +12,25 @@ from PIL import Image
 
 from florence.data.images import BadSample, decode_image
 from florence.data.video_decode import decode_frames
-from florence.search.files import FileItem, kind_of
+from florence.search.files import MEMBER_SEP, FileItem, kind_of
 from florence.search.store import Hit
 
-__all__ = ["thumbnail_png", "write_contact_sheet"]
+__all__ = ["preview_image", "thumbnail_png", "write_contact_sheet"]
+
+
+def preview_image(path: str, data: bytes | None = None) -> Image.Image:
+    """An indexed file as a picture: the image (``data`` when its bytes are read already; a ``SHARD.tar#MEMBER`` path
+    from its shard), or a video's first frame. ``BadSample`` / ``OSError`` / ``KeyError`` when it cannot be read."""
+    if kind_of(path.split(MEMBER_SEP, 1)[-1]) == "video":
+        return Image.fromarray(decode_frames(path, [0])[0])
+    return decode_image(data if data is not None else FileItem(path, "image", 0, 0.0).read_bytes(), name=path)
 
 
 def thumbnail_png(path: str, size: int = 160) -> bytes | None:
     """A PNG thumbnail (longest side ``size``, nearest-neighbour up-scaling for tiny images) of an indexed image or
     of a video's first frame; None when the file is gone or unreadable."""
     try:
-        if kind_of(path.split("#", 1)[-1]) == "video":
-            image = Image.fromarray(decode_frames(path, [0])[0])
-        else:
-            image = decode_image(FileItem(path, "image", 0, 0.0).read_bytes(), name=path)
+        image = preview_image(path)
     except (BadSample, OSError, KeyError):
         return None
     scale = size / max(image.size)

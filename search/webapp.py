@@ -62,8 +62,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from florence.data.images import BadSample, decode_image
-from florence.data.video_decode import decode_frames
 from florence.errors import FlorenceError
+from florence.search.contact_sheet import preview_image
 from florence.search.files import MEMBER_SEP, SourceFiles, read_member, walk_source
 from florence.search.index import Index
 from florence.search.store import SearchError
@@ -158,18 +158,12 @@ def _inside(path: str, roots: list[str]) -> bool:
 
 
 def _hit_dict(hit) -> dict[str, Any]:
-    out = {"tag": None, "tag_confidence": None, **hit.to_dict(), "url": f"/api/image/{hit.id}"}
-    out.pop("vector", None)
-    return out
+    return {"tag": None, "tag_confidence": None, **hit.to_dict(), "url": f"/api/image/{hit.id}"}
 
 
-def _thumbnail(data: bytes | None, path: str | None, kind: str, size: int) -> bytes:
+def _thumbnail(path: str, data: bytes | None, size: int) -> bytes:
     """A JPEG of at most ``size`` pixels a side: the image, or a video's first frame."""
-    if kind == "video":
-
-        image = Image.fromarray(decode_frames(path, [0])[0])
-    else:
-        image = decode_image(data if data is not None else Path(path), name=path)
+    image = preview_image(path, data)
     image.thumbnail((size, size))
     out = io.BytesIO()
     image.convert("RGB").save(out, "JPEG", quality=85)
@@ -269,10 +263,10 @@ def create_app(index: Index, *, max_upload_bytes: int = 8 << 20, allow_index: bo
         if thumb is not None and not 16 <= thumb <= 1024:
             raise SearchError(f"thumb must be in 16..1024, got {thumb}")
         with lock:
-            rows = index.store.get([row_id], ("id", "path", "kind"))
+            rows = index.store.get([row_id], ("id", "path"))
         if not rows:
             raise HTTPException(404, f"no row with id {row_id}")
-        path, kind = str(rows[0]["path"]), str(rows[0].get("kind") or "image")
+        path = str(rows[0]["path"])
         member = None
         if MEMBER_SEP in path and not os.path.exists(path):
             path, member = path.split(MEMBER_SEP, 1)
@@ -284,7 +278,7 @@ def create_app(index: Index, *, max_upload_bytes: int = 8 << 20, allow_index: bo
         try:
             data = read_member(real, member) if member is not None else None
             if thumb is not None:
-                data = _thumbnail(data, real, kind if member is None else "image", thumb)
+                data = _thumbnail(real if member is None else f"{real}{MEMBER_SEP}{member}", data, thumb)
                 return Response(data, media_type="image/jpeg", headers=IMAGE_HEADERS)
         except (OSError, KeyError) as err:
             raise HTTPException(404, f"row {row_id}: its file cannot be read ({type(err).__name__})") from None
