@@ -7,6 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+import florence
+from florence.tokenizer import train_bpe_tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -20,6 +23,20 @@ def _one_thread():
 
 one_thread = pytest.fixture(_one_thread)  # for one test
 one_thread_module = pytest.fixture(scope="module")(_one_thread)  # for a whole test file (pytestmark usefixtures)
+
+
+@pytest.fixture(scope="session")
+def tiny_dual_encoder(tmp_path_factory):
+    """A factory: ``tiny_dual_encoder(texts, seed=0)`` -> the bundle directory of a fresh ``unicl_test`` dual encoder
+    (weights drawn with ``seed``) whose byte-level BPE tokenizer was trained on ``texts``."""
+
+    def make(texts, seed: int = 0) -> Path:
+        root = tmp_path_factory.mktemp("dual_encoder")
+        train_bpe_tokenizer(list(texts), root / "tok", vocab_size=300, min_frequency=1)
+        torch.manual_seed(seed)
+        return florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / "bundle")
+
+    return make
 
 
 @pytest.fixture(scope="session")

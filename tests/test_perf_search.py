@@ -4,7 +4,6 @@ for 2 s) and reports every figure it promises, consistently (no wall-clock thres
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
 import numpy as np
@@ -21,7 +20,6 @@ from florence.data.sources import FASHION_MNIST_CLASSES, read_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-HAS_WEBAPP = importlib.util.find_spec("florence.search.webapp") is not None
 
 
 def _table(path):
@@ -61,23 +59,14 @@ def test_fmnist_files_writes_pngs_and_table_idempotently(fake_fmnist, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    import torch
-
-    import florence
-    from florence.tokenizer import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("perf_search_model")
-    prompts = [t.format(c.lower()) for c in FASHION_MNIST_CLASSES for t in search.TEMPLATES]
-    train_bpe_tokenizer(prompts, root / "tok", vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    return florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / "bundle")
+def tiny_bundle(tiny_dual_encoder):
+    return tiny_dual_encoder([t.format(c) for c in FASHION_MNIST_CLASSES for t in search.TEMPLATES])
 
 
 def test_search_script_reports_stages_latency_recall_variants_and_load(fake_fmnist, tiny_bundle, tmp_path, capsys):
     table = write_fashion_mnist_files(tmp_path / "files", limit=20, root=fake_fmnist)  # 40 PNGs
     out = tmp_path / "perf.json"
-    load = ["--load-clients", "4", "--load-seconds", "2"] if HAS_WEBAPP else ["--load-clients", "0"]
+    load = ["--load-clients", "4", "--load-seconds", "2"]
     result = search.main(["--device", "cpu", "--threads", "1", "--model", str(tiny_bundle), "--files", str(table),
                           "--batch-size", "8", "--workers", "1", "--stage-rounds", "2", "--queries", "3",
                           "--recall-queries", "10", "--rate-images", "16", "--rate-rounds", "1", "--synthetic", "500",
@@ -125,13 +114,12 @@ def test_search_script_reports_stages_latency_recall_variants_and_load(fake_fmni
         assert r["images"] == 40 and r["rate_images"] == 16 and r["images_per_s"] > 0
     assert set(result["load_average"]) >= {"start", "after stages", "after latency", "after embedding"}
 
-    if HAS_WEBAPP:
-        assert "4. load test" in stdout
-        load = result["load"]
-        assert load["errors"] == 0, load["error_samples"]
-        assert load["requests"] > 0 and load["by_kind"]["text"]["requests"] > 0
-        assert load["by_kind"]["image"]["requests"] > 0
-        assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
+    assert "4. load test" in stdout
+    load = result["load"]
+    assert load["errors"] == 0, load["error_samples"]
+    assert load["requests"] > 0 and load["by_kind"]["text"]["requests"] > 0
+    assert load["by_kind"]["image"]["requests"] > 0
+    assert 0 < load["latency_ms"]["p50"] <= load["latency_ms"]["p99"]
 
 
 class _Body(BaseModel):

@@ -25,7 +25,6 @@ from florence.data.transforms import build_transform
 from florence.search import DatabaseLocked, Index, ModelMismatch, SearchError, Store, walk_source
 from florence.search.cli import index_main, search_main
 from florence.search.store import row_id
-from florence.tokenizer import train_bpe_tokenizer
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -34,14 +33,8 @@ pytestmark = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_fi
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _bundle(root: Path, seed: int) -> Path:
-    train_bpe_tokenizer([f"a photo of a {n}" for n in NAMES] * 3, root / "tok", vocab_size=300, min_frequency=1)
-    torch.manual_seed(seed)
-    return florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / f"bundle{seed}")
-
-
 @pytest.fixture(scope="module")
-def material(tmp_path_factory):
+def material(tmp_path_factory, tiny_dual_encoder):
     """240 real Fashion-MNIST test images as PNGs (in two folders), their labels, and two tiny dual encoders."""
     root = tmp_path_factory.mktemp("search")
     images = read_idx(FMNIST / "t10k-images-idx3-ubyte.gz")[:240]
@@ -51,8 +44,9 @@ def material(tmp_path_factory):
         folder = pictures / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"{i:04d}.png")
+    prompts = [f"a photo of a {n}" for n in NAMES] * 3
     return {"root": root, "pictures": pictures, "images": images, "labels": labels,
-            "bundle": _bundle(root, 0), "other": _bundle(root, 1)}
+            "bundle": tiny_dual_encoder(prompts, seed=0), "other": tiny_dual_encoder(prompts, seed=1)}
 
 
 def _copy_pictures(material, tmp_path, count=None) -> Path:

@@ -11,7 +11,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
+from PIL import Image
+from skimage import data
 
 import florence
 from florence.benchmarks.predict import predict
@@ -20,7 +21,6 @@ from florence.search.dedup import (find_duplicates, format_groups, near_duplicat
                                    write_duplicates_json)
 from florence.search.tagging import (TAG_FIELDS, knn_vote, predict_tags, read_field, stored_tag_accuracy,
                                      tag_accuracy, tag_collection, write_tags)
-from florence.tokenizer import train_bpe_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -112,14 +112,10 @@ def test_near_duplicate_components_match_brute_force():
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
+def photos(tmp_path_factory, tiny_dual_encoder):
     """The 8 photos at 64 px, ``chelsea_copy.png`` (same bytes), ``coffee_px.png`` (one pixel changed),
     ``rocket_q90.jpg`` (JPEG re-save), a CSV with ``truth`` and ``trusted`` columns, a fresh ``unicl_test`` bundle and
     the indexed collection."""
-    pytest.importorskip("skimage")
-    from PIL import Image
-    from skimage import data
-
     root = tmp_path_factory.mktemp("tagdedup")
     folder = root / "photos"
     folder.mkdir()
@@ -138,10 +134,7 @@ def photos(tmp_path_factory):
         writer = csv.writer(f)
         writer.writerow(["path", "truth", "trusted"])
         writer.writerows((f"photos/{name}", truth, trusted) for name, (truth, trusted) in TABLE.items())
-    train_bpe_tokenizer(["a photo of a cat", "a person", "a cup of coffee", "a rocket", "a vehicle", "text"] * 4,
-                        root / "tok", vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    bundle = florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / "bundle")
+    bundle = tiny_dual_encoder(["a photo of a cat", "a person", "a cup of coffee", "a rocket", "a vehicle", "text"] * 4)
     index = Index(root / "search.db", "photos", model=bundle)
     summary = index.add(root / "photos.csv", workers=0, progress=False)
     assert summary.indexed == len(TABLE)

@@ -6,12 +6,15 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
+from fastapi.testclient import TestClient
 from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
-import florence
+from florence.benchmarks.search_screenshot import chromium_driver, chromium_missing, run_query
 from florence.data.sources import FASHION_MNIST_DIR, read_idx
-from florence.tokenizer import train_bpe_tokenizer
+from florence.search import Index
+from florence.search.webapp import background_server, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -27,15 +30,12 @@ def _png(array) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def web(tmp_path_factory):
+def web(tmp_path_factory, tiny_dual_encoder):
     """An Index over 20 Fashion-MNIST PNGs (2 per class, ``imgs/<class>_<n>.png``), the 4 bags/sandals tagged; the
     app on it (upload limit 4 KiB) and a TestClient. Also spare images for ``/api/index``."""
     if not os.path.exists(FMNIST):
         pytest.skip(f"Fashion-MNIST is absent ({FMNIST}; apt-get install dataset-fashion-mnist)")
-    from fastapi.testclient import TestClient
 
-    from florence.search import Index
-    from florence.search.webapp import create_app
 
     root = tmp_path_factory.mktemp("web")
     images = read_idx(FMNIST)
@@ -50,9 +50,7 @@ def web(tmp_path_factory):
                 files[f"{name}_{n}"].write_bytes(data)
             else:  # spares, not indexed at first
                 (root / f"spare_{name}.png").write_bytes(data)
-    train_bpe_tokenizer([f"a photo of a {c}" for c in CLASSES] * 4, root / "tok", vocab_size=300, min_frequency=1)
-    torch.manual_seed(0)
-    bundle = florence.create_model("unicl_test", tokenizer=str(root / "tok")).save_pretrained(root / "bundle")
+    bundle = tiny_dual_encoder([f"a photo of a {c}" for c in CLASSES] * 4)
     index = Index(root / "web.db", "web", model=bundle)
     index.add(root / "imgs", progress=False, workers=0)
     ids = {row["path"]: row["id"] for row in index.store.rows(("id", "path"))}
@@ -159,7 +157,6 @@ def test_image_serving_and_roots(web, tmp_path):
 
 
 def test_index_endpoint(web, tmp_path):
-    from florence.search.webapp import create_app
 
     client, root = web["client"], web["root"]
     new = root / "imgs" / "new"
@@ -187,7 +184,6 @@ def test_index_endpoint(web, tmp_path):
     for source in (root / "spare_bag.png", root, "/etc", str(root / "imgs" / ".." / "spare_bag.png"), "imgs/*.png"):
         r = client.post("/api/index", json={"source": str(source)})
         assert r.status_code == 403 and "roots" in r.json()["error"], source
-    from fastapi.testclient import TestClient
 
     locked = TestClient(create_app(web["index"], allow_index=False))
     assert locked.post("/api/index", json={"source": str(new)}).status_code == 403
@@ -195,15 +191,11 @@ def test_index_endpoint(web, tmp_path):
 
 
 def test_page_in_headless_chromium(web):
-    from florence.benchmarks.search_screenshot import chromium_driver, chromium_missing, run_query
-    from florence.search.webapp import background_server
 
     missing = chromium_missing()
     if missing:
         print(f"skipping the browser test: {missing}")
         pytest.skip(f"headless Chromium unavailable: {missing}")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     page = web["client"].get("/")
     assert page.status_code == 200 and 'id="results"' in page.text

@@ -349,7 +349,7 @@ def query_texts(source: SourceFiles) -> list[str]:
     """The text queries: class names (a ``label`` metadata column, else the files' folder names) x ``TEMPLATES``."""
     labels = sorted({str(item.metadata["label"]) if "label" in item.metadata else Path(item.path).parent.name
                      .replace("_", " ") for item in source.items})
-    return [t.format(label.lower()) for label in labels for t in TEMPLATES]
+    return [t.format(label) for label in labels for t in TEMPLATES]  # as written: BPE vocabularies are cased
 
 
 def stage_table(stages: list[StageRow], ratio: float, slowest: str) -> str:
