@@ -31,7 +31,8 @@ ones included, without reading data, and raises ``DataConfigError`` naming the d
       - type: image_folder         # path: root/<class>/<image>; class_names: optional list / .txt / .json
       - type: label_table          # path: .csv/.tsv (image, label); class_names; root for relative paths
       - type: caption_table        # path: .csv/.tsv/.jsonl (image, caption); label = caption hash
-      - type: webdataset           # path: shard pattern/list ("shards/{000..009}.tar"); resampled: false;
+      - type: webdataset           # path: shard pattern/list ("shards/{000..009}.tar"); resampled: false
+                                   # (resumes exactly; true: seeded, resumes approximately); shuffle_buffer: 1000;
                                    # class_names + templates for .cls shards (webdataset sources cannot be
                                    # mixed with the map-style ones above)
     batch_size: 64                 # per rank

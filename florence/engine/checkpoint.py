@@ -6,7 +6,10 @@ Layout of ``<run_dir>/checkpoints/step_<N>/``:
 - ``state.pt``: model, optimizer, scheduler, grad-scaler (and weight-EMA) state dicts as plain tensors / numbers, written with
   ``torch.save`` and read back with ``weights_only=True`` (nothing is unpickled); with FSDP2 instead a
   ``torch.distributed.checkpoint`` directory ``sharded/`` written by all ranks (each saves its own shards);
-- ``rank<r>.pt``: this rank's RNG states (python, numpy, torch, CUDA) and data position.
+- ``rank<r>.pt``: this rank's RNG states (python, numpy, torch, CUDA) and data position (the loader's
+  ``state_dict()``: ``{"sampler": ...}`` for map-style sources, see :mod:`florence.data.mixing`; ``{"webdataset":
+  ...}`` for shards: per DataLoader worker the shard, offset, shuffle-buffer content and mixer draws after the last
+  batch handed to training, see :mod:`florence.data.webdataset_source`).
 
 A checkpoint is written into ``.tmp_step_<N>`` and renamed (``os.replace``) once every rank has finished, so a
 ``step_*`` directory is always complete; a run killed while saving leaves only a temporary directory, ignored and
