@@ -1,10 +1,24 @@
-"""Text tower: a transformers encoder (RoBERTa by default, any ``AutoModel`` encoder accepted), first-token
-pooling and a bias-free projection to the shared embedding size (SPEC §2.2: pooling at position 0 for
-RoBERTa/BERT tokenizers, ``text_projection`` without bias, trunc-normal 0.02).
+"""Text tower: a transformers encoder (RoBERTa by default, any ``AutoModel`` encoder accepted), a pooling rule and a
+bias-free projection to the shared embedding size (SPEC §2.2: ``text_projection`` without bias, trunc-normal 0.02).
+
+Pooling (SPEC §2.2, UniCL ``model/model.py`` ``encode_text``):
+
+- ``"first"``: the hidden state at position 0 (``<s>`` / ``[CLS]``), for RoBERTa / BERT tokenizers (the default for
+  every encoder but CLIP's).
+- ``"eot"``: the hidden state at ``argmax(input_ids)`` per row, i.e. the first end-of-text token of the CLIP BPE
+  tokenizer (its id, 49407, is the largest in the vocabulary; padding repeats it, and argmax returns the first).
+  The default for ``model_type == "clip_text_model"``.
+
+UniCL's own text encoder (CLIP-style pre-LN blocks, QuickGELU, LayerNorm eps 1e-12, causal mask, token + learned
+positional embedding, final LayerNorm) is transformers' ``CLIPTextModel`` with ``hidden_act="quick_gelu"`` and
+``layer_norm_eps=1e-12`` (``florence.backbone.unicl_convert`` maps its weights). UniCL applies the causal mask
+only; ``CLIPTextModel`` adds the padding mask from ``attention_mask``. At the EOT position both attend to the same
+keys (every earlier token is real text), so the pooled state is the same; only the states at padding positions,
+which nothing reads, differ.
 
 The tower never re-implements the encoder. It keeps the encoder's Hugging Face config as a plain dict
-(``hf_config``), which rebuilds the same architecture without the directory it was first loaded from; weights
-then come from a checkpoint bundle.
+(``hf_config``; with the pooling rule: ``tower_config``), which rebuilds the same architecture without the
+directory it was first loaded from; weights then come from a checkpoint bundle.
 """
 from __future__ import annotations
 
@@ -18,6 +32,20 @@ from transformers import CONFIG_MAPPING, MODEL_MAPPING, AutoConfig, AutoModel
 
 # Config entries that describe where/when a config was produced, not the architecture.
 _PROVENANCE_KEYS = ("_name_or_path", "transformers_version")
+POOLINGS = ("first", "eot")
+
+
+def default_pooling(model_type: str) -> str:
+    """"eot" for CLIP's text model (CLIP BPE tokenizer), "first" for every other encoder (SPEC §2.2)."""
+    return "eot" if model_type == "clip_text_model" else "first"
+
+
+def pool_tokens(states: torch.Tensor, input_ids: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, H) token states -> (B, H): position 0 ("first") or the row's ``argmax(input_ids)`` ("eot")."""
+    if pooling == "first":
+        return states[:, 0]
+    rows = torch.arange(states.shape[0], device=states.device)
+    return states[rows, input_ids.argmax(dim=-1).to(states.device)]  # B, H
 
 
 def pooling_kwargs(model_class: type) -> dict[str, Any]:
@@ -76,31 +104,39 @@ def set_encoder_checkpointing(encoder: nn.Module, enable: bool = True) -> None:
 
 
 class TextTower(nn.Module):
-    """Transformers encoder -> hidden state of the first token -> ``projection`` (no bias).
+    """Transformers encoder -> pooled token state ("first" or "eot", module docstring) -> ``projection`` (no bias).
 
     Args:
         encoder: a transformers encoder model whose output has ``last_hidden_state`` (B, L, H).
         embed_dim: output embedding size D.
+        pooling: "first", "eot", or None for the encoder's default (``default_pooling``).
     """
 
-    def __init__(self, encoder: nn.Module, embed_dim: int):
+    def __init__(self, encoder: nn.Module, embed_dim: int, pooling: str | None = None):
         super().__init__()
+        pooling = pooling or default_pooling(encoder.config.model_type)
+        if pooling not in POOLINGS:
+            raise ValueError(f"text tower pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = encoder
         self.embed_dim = embed_dim
+        self.pooling = pooling
         self.width = encoder.config.hidden_size
         self.projection = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.trunc_normal_(self.projection.weight, std=0.02)
 
     @classmethod
-    def from_config(cls, hf_config: dict[str, Any], embed_dim: int) -> "TextTower":
-        """Randomly initialised encoder from a Hugging Face config dict (``model_type`` + config fields)."""
-        return cls(encoder_from_config(hf_config), embed_dim)
+    def from_config(cls, hf_config: dict[str, Any], embed_dim: int, pooling: str | None = None) -> "TextTower":
+        """Randomly initialised encoder from a Hugging Face config dict (``model_type`` + config fields). A
+        ``"pooling"`` entry (as ``tower_config`` writes it) is the pooling rule unless ``pooling`` is given."""
+        hf_config = dict(hf_config)
+        stored = hf_config.pop("pooling", None)
+        return cls(encoder_from_config(hf_config), embed_dim, pooling or stored)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, embed_dim: int) -> "TextTower":
+    def from_pretrained(cls, path: str | os.PathLike, embed_dim: int, pooling: str | None = None) -> "TextTower":
         """Encoder weights from a local transformers directory (``config.json`` + weights); never downloads.
         The projection is newly initialised."""
-        return cls(encoder_from_pretrained(path), embed_dim)
+        return cls(encoder_from_pretrained(path), embed_dim, pooling)
 
     @property
     def hf_config(self) -> dict[str, Any]:
@@ -109,6 +145,11 @@ class TextTower(nn.Module):
         for key in _PROVENANCE_KEYS:
             config.pop(key, None)
         return config
+
+    @property
+    def tower_config(self) -> dict[str, Any]:
+        """``hf_config`` plus ``"pooling"``: what ``from_config`` needs to rebuild this tower."""
+        return {**self.hf_config, "pooling": self.pooling}
 
     @property
     def vocab_size(self) -> int:
@@ -132,8 +173,8 @@ class TextTower(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids and mask -> (B, D) projected first-token features (not normalised)."""
-        pooled = self.forward_features(input_ids, attention_mask)[:, 0]  # B, H
+        """(B, L) ids and mask -> (B, D) projected pooled features (not normalised)."""
+        pooled = pool_tokens(self.forward_features(input_ids, attention_mask), input_ids, self.pooling)  # B, H
         return self.projection(pooled)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -7,12 +7,16 @@ Config dict (JSON; ``configs/models/*.json``; ``model.config`` returns one that 
       "text": {"model_type": "roberta", ...HF config fields}          # from scratch
            or {"pretrained": "/local/transformers/dir"},              # encoder weights + architecture from a
                                                                       # local directory; other text keys ignored
+                                                                      # (but "pooling")
+           (+ "pooling": "first" | "eot"; default by model_type: "eot" for "clip_text_model", else "first"),
       "embed_dim": 512, "context_length": 77,
       "preprocess": {...}                                             # optional; default: the image tower's
     }
 
-Keys starting with "_" are comments. ``model.config`` stores the text tower as its full HF config dict and drops
-"pretrained" paths, so a checkpoint bundle rebuilds the architecture without the original directories.
+Keys starting with "_" are comments. ``model.config`` stores the text tower as its full HF config dict plus its
+"pooling" rule and drops "pretrained" paths, so a checkpoint bundle rebuilds the architecture without the original
+directories. A UniCL release (CLIP-style text transformer) becomes a ``clip_text_model`` text section with
+``"pooling": "eot"`` (``florence.backbone.unicl_convert``).
 """
 from __future__ import annotations
 
@@ -101,7 +105,7 @@ class UniCLModel(BundleMixin, nn.Module):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able dict that rebuilds this architecture with ``build_unicl`` (no directories needed)."""
-        return {**self._config, "text": self.text_encoder.hf_config, "embed_dim": self.embed_dim,
+        return {**self._config, "text": self.text_encoder.tower_config, "embed_dim": self.embed_dim,
                 "context_length": self.context_length, "preprocess": dict(self.preprocess)}
 
     # -- architecture registry (florence.registry): named JSON configs and bundles -----------------------------
@@ -256,10 +260,11 @@ def build_unicl(config: dict[str, Any], tokenizer=None) -> UniCLModel:
     image_encoder = create_model(image_cfg["model"], **overrides)
 
     text_cfg = {k: v for k, v in config["text"].items() if not k.startswith("_")}
+    pooling = text_cfg.pop("pooling", None)
     if "pretrained" in text_cfg:
-        text_encoder = TextTower.from_pretrained(text_cfg["pretrained"], embed_dim=embed_dim)
+        text_encoder = TextTower.from_pretrained(text_cfg["pretrained"], embed_dim=embed_dim, pooling=pooling)
     else:
-        text_encoder = TextTower.from_config(text_cfg, embed_dim=embed_dim)
+        text_encoder = TextTower.from_config(text_cfg, embed_dim=embed_dim, pooling=pooling)
     if context_length > text_encoder.max_length:
         raise ValueError(f"context_length {context_length} exceeds the text tower's {text_encoder.max_length} "
                          "positions")

@@ -1,20 +1,36 @@
-"""Text tokenization: local byte-level BPE training, loading from a directory, fixed-length batches.
+"""Text tokenization: local byte-level BPE training, the CLIP BPE tokenizer, loading from a directory, fixed-length
+batches.
 
 The tokenizer itself is always a ``transformers`` fast tokenizer (never a re-implementation of BPE).
 ``train_bpe_tokenizer`` builds a RoBERTa-style byte-level BPE from texts with the ``tokenizers`` library, fully
-offline, and saves it so that ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it.
+offline, and saves it so that ``transformers.AutoTokenizer.from_pretrained(dir)`` loads it. ``clip_tokenizer``
+builds CLIP's BPE tokenizer (UniCL's text tokenizer) offline from the merges file that ships inside the
+``open_clip`` package (or any copy of it).
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from florence.errors import FlorenceError
+
 # RoBERTa's special tokens, in RoBERTa's id order: <s>=0, <pad>=1, </s>=2, <unk>=3; <mask> follows.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 _BYTE_ALPHABET_SIZE = 256
+
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_SOT, CLIP_EOT = "<|startoftext|>", "<|endoftext|>"
+CLIP_CONTEXT_LENGTH = 77
+_CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses (the file holds more): vocab = 2 x 256 bytes + merges + 2 = 49408
+
+
+class TokenizerFileError(FlorenceError, FileNotFoundError):
+    """A tokenizer file that is missing or unreadable; the message names it."""
 
 
 def train_bpe_tokenizer(
@@ -112,3 +128,61 @@ def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77) -> dict[
     enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=context_length,
                     return_attention_mask=True, return_tensors="pt")
     return dict(input_ids=enc["input_ids"].long(), attention_mask=enc["attention_mask"].long())
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 byte symbols of byte-level BPE in CLIP's vocabulary order: printable Latin-1 bytes stand for
+    themselves, the other bytes (control, space, soft hyphen) map to code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = sorted(set(range(256)) - set(printable))
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def clip_bpe_path(bpe_path: str | os.PathLike | None = None) -> Path:
+    """The CLIP BPE merges file: ``bpe_path`` if given, else the copy inside the installed ``open_clip`` package
+    (located with ``importlib.util.find_spec``; ``open_clip`` is not imported)."""
+    if bpe_path is not None:
+        path = Path(bpe_path)
+        if not path.is_file():
+            raise TokenizerFileError(f"CLIP BPE file {str(path)!r} does not exist")
+        return path
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / CLIP_BPE_FILE
+        if path.is_file():
+            return path
+    raise TokenizerFileError(f"CLIP BPE file {CLIP_BPE_FILE} not found: install open_clip_torch (it ships the file) "
+                             "or pass bpe_path=")
+
+
+def clip_tokenizer(bpe_path: str | os.PathLike | None = None, context_length: int = CLIP_CONTEXT_LENGTH):
+    """CLIP's BPE tokenizer as a transformers fast ``CLIPTokenizer``, built offline from the merges file.
+
+    Vocabulary (49408 ids, the order of OpenAI's CLIP and open_clip's ``SimpleTokenizer``): the 256 byte symbols,
+    the same with ``</w>``, the first 48894 merges joined, then ``<|startoftext|>`` = 49406 and
+    ``<|endoftext|>`` = 49407. Text is NFC-normalised, whitespace-collapsed and lower-cased (transformers' CLIP
+    pipeline; open_clip also runs ``ftfy`` first, which changes only malformed text). Encoding adds
+    ``<|startoftext|>`` ... ``<|endoftext|>``; padding repeats ``<|endoftext|>`` (UniCL's tokenizer, which also sets
+    ``cls_token`` to it; open_clip pads with 0 instead, a difference nothing reads under causal attention and EOT
+    pooling). ``save_pretrained`` writes it like any tokenizer, so a bundle needs nothing at load time.
+
+    Args:
+        bpe_path: the gzipped merges file (``bpe_simple_vocab_16e6.txt.gz``); None: the copy in ``open_clip``.
+        context_length: ``model_max_length`` of the tokenizer (77 for CLIP / UniCL).
+    """
+    from transformers import CLIPTokenizer
+
+    path = clip_bpe_path(bpe_path)
+    try:
+        lines = gzip.open(path).read().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise TokenizerFileError(f"CLIP BPE file {str(path)!r} is not a gzipped text file: {e}") from None
+    merges = [tuple(line.split()) for line in lines[1:1 + _CLIP_MERGES]]  # line 0 is a version header
+    if len(merges) != _CLIP_MERGES or any(len(m) != 2 for m in merges):
+        raise TokenizerFileError(f"CLIP BPE file {str(path)!r} does not hold {_CLIP_MERGES} merges of two symbols")
+    symbols = _byte_symbols()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), CLIP_SOT, CLIP_EOT]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=merges, bos_token=CLIP_SOT, eos_token=CLIP_EOT,
+        unk_token=CLIP_EOT, pad_token=CLIP_EOT, cls_token=CLIP_EOT, model_max_length=context_length,
+    )
