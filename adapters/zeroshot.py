@@ -50,12 +50,13 @@ class NotADualEncoder(FlorenceError, ValueError):
 
 
 def require_dual_encoder(model: torch.nn.Module, task: str) -> None:
-    """:class:`NotADualEncoder` unless ``model`` has a text tower and a projection (an image-tower bundle can only be
-    probed or, with a classifier head, evaluated with ``florence eval classify``)."""
-    missing = [name for name in ("encode_text", "tokenize", "image_projection") if not hasattr(model, name)]
+    """:class:`NotADualEncoder` unless ``model`` has the dual-encoder interface: ``encode_image``, ``encode_text`` and
+    ``tokenize`` (a UniCL bundle, or a wrapped open_clip / Hugging Face model, ``florence.backbone.foreign``). An
+    image-tower bundle can only be probed or, with a classifier head, evaluated with ``florence eval classify``."""
+    missing = [name for name in ("encode_text", "tokenize", "encode_image") if not hasattr(model, name)]
     if missing:
         raise NotADualEncoder(
-            f"{task} needs a dual encoder (image + text towers, e.g. a unicl_* bundle); this "
+            f"{task} needs a dual encoder (image + text towers, e.g. a unicl_* bundle or open_clip:/hf: weights); this "
             f"{type(model).__name__} is an image tower only (no {', '.join(missing)}). Use linear-probe or few-shot "
             f"(or classify, for a tower with a classifier head)."
         )

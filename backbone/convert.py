@@ -24,7 +24,11 @@ operators) and are listed in ``skipped``; our ``patch_embed.*`` and ``layers.*.d
 fresh initialisation and are listed in ``newly_initialized``. That is the only "missing" a strict load accepts.
 
 Relative-position bias tables whose window differs from the model's are resized bicubically per head, as Swin's
-``load_pretrained`` does for 224 -> 384 (window 7 -> 12); their names are listed in ``resized``.
+``load_pretrained`` does for 224 -> 384 (window 7 -> 12); their names are listed in ``resized``. One exception:
+a stage whose feature map at the model's ``img_size`` is smaller than the window was built by timm and the official
+code with a clamped window ``v`` and a ``(2v-1)^2`` table; our tower keeps the configured table and reads its central
+part there, so such a table is placed at the centre of ours (zeros at the offsets a ``v x v`` window never reads):
+exact at that size, listed in ``resized`` too.
 
 Wrappers: ``{"model": ...}``, ``{"state_dict": ...}`` and ``{"module": ...}`` are unwrapped; ``module.`` /
 ``model.`` prefixes are stripped; when keys carry an ``image_encoder.`` (UniCL) or ``backbone.`` /
@@ -47,6 +51,7 @@ if TYPE_CHECKING:  # coswin.py imports this module for CoSwin.load_foreign_weigh
 
 __all__ = [
     "LoadReport", "load_image_tower_weights", "read_state_dict", "microsoft_to_timm", "resize_relative_position_table",
+    "center_relative_position_table",
 ]
 
 _BUFFERS = ("relative_position_index", "attn_mask")
@@ -98,6 +103,28 @@ def resize_relative_position_table(table: torch.Tensor, window: tuple[int, int])
     return grid.reshape(heads, -1).t().to(table.dtype)  # (2W-1)^2, nH
 
 
+def center_relative_position_table(table: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """A ``((2v-1)^2, nH)`` table of a clamped square window ``v`` placed at the centre of a ``((2h-1)(2w-1), nH)``
+    zero table for the configured ``window`` (a clamped window reads only the central offsets)."""
+    small = math.isqrt(table.shape[0])
+    rows, cols = 2 * window[0] - 1, 2 * window[1] - 1
+    grid = table.new_zeros(rows, cols, table.shape[1])
+    top, left = (rows - small) // 2, (cols - small) // 2
+    grid[top:top + small, left:left + small] = table.reshape(small, small, -1)
+    return grid.reshape(rows * cols, -1)  # (2h-1)(2w-1), nH
+
+
+def _clamped_side(model: "CoSwin", key: str) -> int | None:
+    """``2v - 1`` for the clamped window ``v`` of the stage owning ``key`` at the model's ``img_size``, or None when
+    that stage's feature map is no smaller than its window (feature size: ceil(img / (4 * 2^i)), timm's padding)."""
+    stage = int(re.match(r"^layers\.(\d+)\.", key).group(1))
+    feature = [-(-size // (4 * 2**stage)) for size in model.img_size]
+    clamped = [min(f, w) for f, w in zip(feature, model.window_size)]
+    if clamped == list(model.window_size) or clamped[0] != clamped[1]:
+        return None
+    return 2 * clamped[0] - 1
+
+
 def load_image_tower_weights(
     model: "CoSwin",
     src: str | Path | Mapping[str, torch.Tensor],
@@ -135,7 +162,10 @@ def load_image_tower_weights(
             continue
         if k.endswith("relative_position_bias_table") and v.shape != own[k].shape and v.shape[1] == own[k].shape[1]:
             window = model.get_submodule(k.rsplit(".", 1)[0]).window_size
-            v = resize_relative_position_table(v, window)
+            if _clamped_side(model, k) == math.isqrt(v.shape[0]) and v.shape[0] < own[k].shape[0]:
+                v = center_relative_position_table(v, window)
+            else:
+                v = resize_relative_position_table(v, window)
             resized.append(k)
         if v.shape != own[k].shape:
             mismatched.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")

@@ -34,7 +34,8 @@ for a caller that chooses it explicitly.
 
 A stage whose feature map is no larger than the window (e.g. 7 x 7 with window 7 is not; 4 x 4 is) is built by the
 official code with a smaller window and bias table; our tower keeps the configured table and reads its central
-part there, so the smaller table is placed at the centre (exact at that input size; listed in ``resized``).
+part there, so the smaller table is placed at the centre (``florence.backbone.convert``; exact at that input size;
+listed in ``resized``).
 """
 from __future__ import annotations
 
@@ -147,22 +148,6 @@ def _check_image_size(image: dict[str, torch.Tensor], shape: dict[str, Any], siz
                     f"{origin}: image_encoder.{k} has {mask.shape[0]} windows, but input size {list(size)} gives "
                     f"{expected}; the checkpoint was built for another image size (check preprocess input_size)")
             return
-
-
-def _center_tables(image: dict[str, torch.Tensor], window: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Place bias tables of clamped windows ((2v-1)^2 rows, v < window) at the centre of a (2w-1)^2 table (zeros
-    elsewhere: offsets a v x v window never reads)."""
-    full = 2 * window - 1
-    out, centred = dict(image), []
-    for k, t in image.items():
-        if k.endswith("relative_position_bias_table") and t.shape[0] < full * full:
-            small = math.isqrt(t.shape[0])
-            grid = t.new_zeros(full, full, t.shape[1])
-            lo = (full - small) // 2
-            grid[lo:lo + small, lo:lo + small] = t.reshape(small, small, -1)
-            out[k] = grid.reshape(full * full, -1)  # (2w-1)^2, nH
-            centred.append(k)
-    return out, centred
 
 
 def _text_shape(text: dict[str, torch.Tensor], origin: str) -> dict[str, int]:
@@ -285,7 +270,6 @@ def convert_unicl(
     model = build_unicl(config, tokenizer=tokenizer)
 
     image, text, top, other = _split(state)
-    image, centred = _center_tables(image, config["image"]["window_size"])
     image_report = model.image_encoder.load_foreign_weights(image, format="microsoft", strict=False)
 
     own = model.state_dict()
@@ -318,7 +302,7 @@ def convert_unicl(
     report = LoadReport(
         loaded=sorted(loaded), missing=sorted(missing), unexpected=sorted(unexpected),
         newly_initialized=tower(image_report.newly_initialized),
-        resized=sorted(tower(image_report.resized) + tower(k for k in centred if k in image_report.loaded)),
+        resized=tower(image_report.resized),
         skipped=tower(image_report.skipped),
     )
     return model.eval(), report

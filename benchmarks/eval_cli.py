@@ -19,7 +19,9 @@ Each run writes ``<output>/<task>_<dataset>.json`` with:
   candidates), also marked on the console;
 - ``bad_samples``: per split read, the ``--on-bad-sample`` policy, how many images were skipped as undecodable and
   how many evaluated, counts by reason and the skipped files; the metrics cover the good images only;
-- ``protocol`` (id string), ``paper_metric``, ``model`` (bundle path and SHA-256 of its manifest), ``data``
+- ``protocol`` (id string), ``paper_metric``, ``model`` (bundle path and SHA-256 of its manifest; for
+  ``--model open_clip:ARCH:WEIGHTS`` / ``hf:DIR`` the spelling and the SHA-256 of its weights files and configuration,
+  ``florence.backbone.foreign``), ``data``
   (manifest: file count and hash of each split read), ``templates`` (set name, count, SHA-256 of templates and class
   names), ``seeds`` (those the task uses), ``precision``, ``versions`` (python, torch, ... ), ``args`` (the task's
   options) and protocol details (the probe's ``converged`` flag is also printed when false);
@@ -142,7 +144,10 @@ _TASK_FLAGS: list[tuple[dict[str, str], tuple[str, ...], dict]] = [
 def _common_parser() -> argparse.ArgumentParser:
     """The flags every task takes."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", required=True, help="checkpoint bundle directory (florence.from_pretrained)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint bundle directory (florence.from_pretrained), or another library's weights: "
+                   "open_clip:ARCH[:WEIGHTS] (ARCH an open_clip model name or a .json model config) or hf:DIR (a "
+                   "transformers CLIPModel / VisionTextDualEncoderModel directory)")
     p.add_argument("--output", default="eval_results", help="directory for the JSON results and pictures")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -539,7 +544,8 @@ def _pictures(result: dict[str, Any], arrays: dict[str, Any], json_path: Path) -
 
 
 def evaluate(args: argparse.Namespace, model=None, model_hash: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run one protocol; ``model`` / ``model_hash`` default to the bundle at ``args.model``. Returns the JSON path."""
+    """Run one protocol; ``model`` / ``model_hash`` default to the bundle (or ``open_clip:`` / ``hf:`` spelling) at
+    ``args.model``. Returns the JSON path."""
     start = time.perf_counter()
     finetune = None
     if args.task == "retrieval-finetune":

@@ -1,7 +1,8 @@
 """``florence predict --model BUNDLE IMAGE... [--labels "a,b,c" | --labels-file F] [--top-k 5] [--json]``: classify
 your own image files.
 
-- A dual encoder (``unicl_*`` bundle) classifies zero-shot among the labels you give (``--labels`` comma-separated, or
+- A dual encoder (``unicl_*`` bundle, or another library's weights spelled ``open_clip:ARCH[:WEIGHTS]`` or ``hf:DIR``,
+  ``florence.backbone.foreign``) classifies zero-shot among the labels you give (``--labels`` comma-separated, or
   ``--labels-file`` with one label a line), each label prompt-ensembled over the 80 CLIP ImageNet templates
   (``florence.adapters.zeroshot.DEFAULT_TEMPLATES``, the set ``florence eval zeroshot`` uses for ImageNet,
   Fashion-MNIST and ImageFolder data). Probabilities: softmax of the model's logit scale times the cosine similarity.
@@ -154,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt-ensembled over the 80 CLIP ImageNet templates, as `florence eval zeroshot` does for ImageNet, "
         "Fashion-MNIST and ImageFolder data), or with the head of an image classifier bundle.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--model", required=True, help="checkpoint bundle directory (florence.from_pretrained)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint bundle directory (florence.from_pretrained), or another library's weights: "
+                   "open_clip:ARCH[:WEIGHTS] (ARCH an open_clip model name or a .json model config) or hf:DIR (a "
+                   "transformers CLIPModel / VisionTextDualEncoderModel directory)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labels", default=None,
                         help='comma-separated labels, e.g. "cat,dog,rocket" (needed for a dual encoder; for a '

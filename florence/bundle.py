@@ -16,6 +16,11 @@ the weights strictly from safetensors. Nothing is unpickled.
 The architecture name selects the model class (``florence.registry.register_architecture``); the class rebuilds itself
 from the ``model`` section (``from_bundle_config``), so this module knows no model. An architecture no installed module
 registers is a ``BundleError`` naming it.
+
+``from_pretrained`` and ``bundle_sha256`` also take a model source spelling ``SCHEME:REST`` that an installed module
+registers (``florence.registry.register_source``): ``open_clip:ARCH:WEIGHTS`` and ``hf:DIR`` (florence.backbone.
+foreign) load another library's weights as they are; their hash is the source's (weights files + configuration). A
+directory of that name, if one exists, is still read as a bundle.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from torch import nn
 
 from florence import __version__
 from florence.errors import FlorenceError
-from florence.registry import UnknownNameError, get_architecture, get_entrypoint
+from florence.registry import (ModelSource, UnknownNameError, find_source, get_architecture, get_entrypoint,
+                               source_spellings)
 
 BUNDLE_FORMAT = "florence-bundle/1"
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocess.json")
@@ -51,9 +57,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _model_source(spec: str | Path) -> tuple[ModelSource, str] | None:
+    """The registered source of a ``SCHEME:REST`` spelling (not an existing directory), else None."""
+    if Path(spec).is_dir():
+        return None
+    return find_source(str(spec))
+
+
 def bundle_sha256(directory: str | Path) -> str:
-    """One hash for a whole bundle: the SHA-256 of its manifest (which lists every file's SHA-256)."""
-    return sha256_file(Path(directory) / "manifest.json")
+    """One hash for a whole bundle: the SHA-256 of its manifest (which lists every file's SHA-256); for a model source
+    spelling (``open_clip:...``, ``hf:...``) the source's own hash of its weights files and configuration."""
+    found = _model_source(directory)
+    if found is not None:
+        source, rest = found
+        return source.sha256(rest)
+    manifest = Path(directory) / "manifest.json"
+    if not manifest.is_file():
+        verify_bundle(directory)  # the BundleError that says what is wrong
+    return sha256_file(manifest)
 
 
 def _describe(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -111,7 +132,10 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
     """Check the manifest and every hash; return the parsed manifest or raise ``BundleError`` naming the file."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BundleError(f"{directory}: not a bundle directory")
+        scheme, colon, _ = str(directory).partition(":")
+        hint = (f" (nor a model source: {scheme!r} is not one of {', '.join(source_spellings())})"
+                if colon and scheme.isidentifier() else "")
+        raise BundleError(f"{directory}: not a bundle directory{hint}")
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: missing; a bundle without a manifest is refused")
@@ -147,9 +171,15 @@ def read_bundle_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model from a verified bundle and load its weights strictly. Returns it in eval mode."""
+    """Rebuild a model from a verified bundle and load its weights strictly. Returns it in eval mode.
+
+    ``directory`` may also be a model source spelling (``open_clip:ARCH:WEIGHTS``, ``hf:DIR``; module docstring)."""
     from safetensors.torch import load_model
 
+    found = _model_source(directory)
+    if found is not None:
+        source, rest = found
+        return source.load(rest).to(map_location).eval()
     directory = Path(directory)
     verify_bundle(directory)
     config = json.loads((directory / "config.json").read_text())

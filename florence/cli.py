@@ -21,6 +21,9 @@
     florence tag --db ... --collection ... --labels-file F   zero-shot / kNN tags (florence.search.cli)
     florence dedup --db ... --collection ... [--threshold 0.95]   exact and near-duplicate groups
     florence serve --db ... --collection ... [--port 8000]   a local search web page
+    florence convert --from FORMAT SRC OUT         a bundle from timm / microsoft / unicl / open_clip / hf / mmdet /
+                                                   dynamichead / mmaction2 weights (florence.benchmarks.convert_cli)
+    florence export --model DIR --part P --format torch-export|onnx OUT   export a tower or adapter model
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
@@ -42,6 +45,8 @@ _COMMANDS = {
     "tag": "florence.search.cli:tag_main",
     "dedup": "florence.search.cli:dedup_main",
     "serve": "florence.search.cli:serve_main",
+    "convert": "florence.benchmarks.convert_cli",
+    "export": "florence.benchmarks.export_cli",
 }
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from florence.bundle import from_pretrained, read_bundle_state_dict
 from florence.errors import FlorenceError
-from florence.registry import UnknownNameError, get_architecture, get_entrypoint, registered_names
+from florence.registry import UnknownNameError, find_source, get_architecture, get_entrypoint, registered_names
 from florence.weights import LoadReport, WeightsError, read_state_dict
 
 FLORENCE_FORMAT = "florence"
@@ -73,14 +73,16 @@ def merge_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
 
 def image_tower(spec: str | Path | nn.Module, **overrides: Any) -> nn.Module:
     """A pre-trained image tower: a bundle directory (a dual encoder's ``image_tower()`` or an image-tower bundle,
-    keeping the bundle's preprocessing), a registered tower name (fresh weights) or a module (returned as is).
+    keeping the bundle's preprocessing), a model source spelling such as ``open_clip:ARCH:WEIGHTS`` (the loaded model's
+    ``image_tower()``: a CoSwin for an open_clip timm-Swin tower, keeping the source's preprocessing), a registered
+    tower name (fresh weights) or a module (returned as is).
 
     ``overrides`` change training settings of the tower's constructor (``drop_path_rate=0.1``): the tower is rebuilt
     with them and the pre-trained weights loaded strictly into it.
     """
     if isinstance(spec, nn.Module):
         return spec
-    if not Path(spec).is_dir():
+    if not Path(spec).is_dir() and find_source(str(spec)) is None:
         return create_model(str(spec), **overrides)
     model = from_pretrained(spec)
     tower = model.image_tower() if hasattr(model, "image_tower") else model

@@ -9,6 +9,10 @@
   directory)`` to write those extra files.
 - **Tasks** (``@register_task("classify")`` on a ``florence.engine.task.Task`` subclass): what ``florence train``
   runs for a config's ``task:`` key.
+- **Model sources** (``register_source("open_clip", load=..., sha256=..., spelling=...)``): a spelling
+  ``SCHEME:REST`` that ``florence.from_pretrained`` / ``bundle_sha256`` accept besides a bundle directory, for weights
+  another library reads (``open_clip:ViT-B-32:/path/weights.pt``, ``hf:/path/dir``). ``load(rest)`` builds the model,
+  ``sha256(rest)`` hashes what defines it (weights files and configuration), so the core knows no model class.
 
 The core never imports the modules that define models or tasks. They announce themselves as Python entry points of
 the distribution (``pyproject.toml``: groups ``florence.models`` and ``florence.tasks``, each entry a module whose
@@ -18,8 +22,9 @@ same way, or a config names a task class directly as ``package.module:ClassName`
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable
+from typing import Any, Callable
 
 from florence.errors import FlorenceError
 
@@ -29,6 +34,7 @@ TASK_GROUP = "florence.tasks"
 _ENTRYPOINTS: dict[str, Callable] = {}
 _ARCHITECTURES: dict[str, type] = {}
 _TASKS: dict[str, type] = {}
+_SOURCES: dict[str, "ModelSource"] = {}
 _LOADED: set[str] = set()
 
 
@@ -145,3 +151,51 @@ def get_task(name: str) -> type:
 def task_names() -> list[str]:
     load_plugins(TASK_GROUP)
     return sorted(_TASKS)
+
+
+# -- model sources ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model spelled ``SCHEME:REST`` instead of a bundle directory.
+
+    Attributes:
+        scheme: the prefix before the first ``:`` (``"open_clip"``, ``"hf"``).
+        load: ``REST -> model`` (an ``nn.Module`` with ``preprocess``), weights loaded.
+        sha256: ``REST -> hex digest`` of what defines the model (weights files' content, configuration).
+        spelling: how ``REST`` is written, for messages (``"open_clip:ARCH[:WEIGHTS]"``).
+    """
+
+    scheme: str
+    load: Callable[[str], Any]
+    sha256: Callable[[str], str]
+    spelling: str
+
+
+def register_source(scheme: str, *, load: Callable[[str], Any], sha256: Callable[[str], str],
+                    spelling: str) -> ModelSource:
+    """Register the model source ``scheme`` (``florence.from_pretrained("SCHEME:REST")`` calls ``load(REST)``)."""
+    if not scheme.isidentifier():
+        raise ValueError(f"model source scheme {scheme!r} must be an identifier")
+    source = ModelSource(scheme, load, sha256, spelling)
+    if scheme in _SOURCES and _SOURCES[scheme] != source:
+        raise ValueError(f"model source {scheme!r} registered twice ({_SOURCES[scheme]!r} and {source!r})")
+    _SOURCES[scheme] = source
+    return source
+
+
+def find_source(spec: str) -> tuple[ModelSource, str] | None:
+    """``(source, REST)`` when ``spec`` is ``SCHEME:REST`` with a registered scheme, else None."""
+    scheme, colon, rest = str(spec).partition(":")
+    if not colon or not scheme.isidentifier():
+        return None
+    load_plugins(MODEL_GROUP)
+    source = _SOURCES.get(scheme)
+    return (source, rest) if source is not None else None
+
+
+def source_spellings() -> list[str]:
+    """How each registered model source is spelled (``open_clip:ARCH[:WEIGHTS]``, ``hf:DIR``)."""
+    load_plugins(MODEL_GROUP)
+    return [_SOURCES[k].spelling for k in sorted(_SOURCES)]

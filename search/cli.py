@@ -24,6 +24,7 @@ import torch
 from florence.data.sources import load_class_names
 from florence.engine.distributed import init_distributed, shutdown_distributed
 from florence.errors import FlorenceError
+from florence.registry import find_source
 from florence.search.contact_sheet import write_contact_sheet
 from florence.search.dedup import write_duplicates_json
 from florence.search.embedder import PRECISIONS, Embedder
@@ -50,12 +51,13 @@ def _database_args(p: argparse.ArgumentParser, model_required: bool = False) -> 
 
 
 def _recorded_model(args: argparse.Namespace) -> str:
-    """``--model``, or the bundle the collection records (``CollectionInfo.model_path``)."""
+    """``--model``, or the model the collection records (``CollectionInfo.model_path``: a bundle or a spelling such as
+    ``open_clip:ARCH:WEIGHTS``)."""
     if args.model:
         return args.model
     with Store(args.db, args.collection, args.token) as store:
         path = store.info().model_path
-    if not path or not Path(path).is_dir():
+    if not path or not (Path(path).is_dir() or find_source(path) is not None):  # a bundle, or open_clip: / hf:
         raise SearchError(f"{args.db} collection {args.collection!r}: give --model (the bundle it was indexed with, "
                           f"{path or 'not recorded'}, is not there)")
     return path

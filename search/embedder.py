@@ -47,7 +47,8 @@ class Embedder:
     """Embeds images, video frames and texts with one dual encoder (module docstring).
 
     Args:
-        model: a bundle directory (``florence.from_pretrained``) or a loaded dual encoder.
+        model: a bundle directory (``florence.from_pretrained``; or ``open_clip:ARCH:WEIGHTS`` / ``hf:DIR``, whose
+            identity is the hash of its weights files and configuration) or a loaded dual encoder.
         device: where the towers run.
         precision: ``"fp32"`` or ``"bf16"`` (autocast).
         compile: wrap the image tower's forward in ``torch.compile``.
@@ -58,9 +59,11 @@ class Embedder:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if isinstance(model, (str, Path)):
-            self.source = str(Path(model).absolute())
-            self.sha256 = bundle_sha256(model)
-            model = from_pretrained(model)
+            spec = model
+            self.sha256 = bundle_sha256(spec)
+            model = from_pretrained(spec)
+            # a bundle's absolute path, or the spelling of foreign weights (open_clip:..., hf:...) with absolute paths
+            self.source = getattr(model, "source_spec", "") or str(Path(spec).absolute())
             self.name = f"{getattr(model, 'florence_config', {}).get('name', type(model).__name__)} ({self.source})"
         else:
             self.source = ""

@@ -10,6 +10,7 @@ hidden state at argmax(input_ids), @ text_projection, L2 norm).
 """
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from florence.backbone.text_tower import TextTower
+from florence.benchmarks.convert_cli import main as convert_main
 from florence.backbone.unicl_convert import UNICL_EVAL_PREPROCESS, UniCLConvertError, convert_unicl
 from florence.bundle import from_pretrained, save_pretrained
 from florence.factory import create_model
@@ -206,6 +208,23 @@ def test_bundle_round_trip(converted, tmp_path):
         assert torch.equal(loaded.encode_image(images), model.encode_image(images))
         assert torch.equal(loaded.encode_text(**batch), model.encode_text(**batch))
     assert loaded.text_encoder.pooling == "eot" and loaded.config == model.config
+
+
+def test_florence_convert_writes_the_converted_model(source, converted, tmp_path, capsys):
+    state, _ = source
+    path = tmp_path / "unicl.pth"
+    torch.save({"model": state}, path)
+    argv = ["--from", "unicl", str(path), str(tmp_path / "bundle"), "--text-heads", str(HEADS)]
+    assert convert_main(argv) == 2  # UniCL checkpoints do not record preprocessing: refused, not guessed
+    assert "--preprocess unicl" in capsys.readouterr().err
+    assert convert_main([*argv, "--preprocess", json.dumps(PREPROCESS)]) == 0
+    assert "loaded" in capsys.readouterr().out
+    loaded, (model, _) = from_pretrained(tmp_path / "bundle"), converted
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    batch = model.tokenize(SENTENCES[:2])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images), model.encode_image(images))
+        assert torch.equal(loaded.encode_text(**batch), model.encode_text(**batch))
 
 
 def test_clip_tokenizer_equals_open_clip_simple_tokenizer():
