@@ -34,6 +34,7 @@ from florence.benchmarks.convert_cli import main as convert_main
 from florence.bundle import BundleError, bundle_sha256, from_pretrained, save_pretrained
 from florence.data.transforms import build_transform
 from florence.errors import FlorenceError
+from florence.tokenizer import clip_tokenizer
 from florence.search import Index
 from florence.search.cli import index_main, search_main
 from florence.weights import WeightsError
@@ -59,16 +60,9 @@ def florence_test_swin_patch4_window7_224(pretrained=False, **kwargs):
                                     **{"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), **kwargs})
 
 
-def write_clip_tokenizer(directory: Path) -> transformers.PreTrainedTokenizerBase:
-    """A transformers CLIP tokenizer built from the CLIP BPE that ships inside open_clip (offline), saved in
-    ``directory``; it tokenizes exactly as open_clip's SimpleTokenizer (checked in a test)."""
-    simple = SimpleTokenizer()
-    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {rename.get(k, k): v for k, v in simple.encoder.items()}
-    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m) for m in merges], model_max_length=77)
-    tok.save_pretrained(str(directory))
-    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+def write_clip_tokenizer(directory: Path) -> None:
+    """A transformers CLIP tokenizer built offline from the CLIP BPE inside open_clip, saved in ``directory``."""
+    clip_tokenizer().save_pretrained(str(directory))
 
 
 # -- material ---------------------------------------------------------------------------------------------------------
