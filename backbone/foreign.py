@@ -70,7 +70,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from florence.backbone.unicl import UniCLOutput
-from florence.bundle import sha256_file
+from florence.bundle import BundleMixin, sha256_file
 from florence.errors import FlorenceError
 from florence.factory import create_model
 from florence.registry import register_architecture, register_source
@@ -146,7 +146,7 @@ class _Projection:
         return self._project(x)
 
 
-class ForeignDualEncoder(nn.Module):
+class ForeignDualEncoder(BundleMixin, nn.Module):
     """What both wrappers share: the wrapped library model as ``self.model`` (so its state dict keys are
     ``model.<the source's keys>``), ``preprocess`` and the UniCL-style outputs. Subclasses give ``encode_image``,
     ``encode_text``, ``tokenize``, ``_pooled`` / ``_project`` and ``logit_scale``."""
