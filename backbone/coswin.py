@@ -80,8 +80,8 @@ SHIFT_MASK_VALUE = -100.0  # Swin masks cross-region pairs with -100, not -inf
 WINDOW_PADS = ("before_shift", "after_shift")
 
 __all__ = [
-    "CoSwin", "SwinBlock", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens", "window_partition", "window_reverse",
-    "window_order", "relative_position_index", "shift_attention_mask",
+    "CoSwin", "SwinBlock", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens",
+    "window_partition", "window_reverse", "window_order", "relative_position_index", "shift_attention_mask", "swin_name",
 ]
 
 
@@ -810,6 +810,13 @@ _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 _LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 _HUGE = dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88))
+_SWIN_SIZES = {"swin_tiny": _TINY, "swin_small": _SMALL, "swin_base": _BASE, "swin_large": _LARGE}
+
+
+def swin_name(embed_dim: int, depths, num_heads) -> str | None:
+    """The registered Swin name of a shape (``swin_tiny`` ... ``swin_large``), or None for another shape."""
+    shape = dict(embed_dim=int(embed_dim), depths=tuple(depths), num_heads=tuple(num_heads))
+    return next((name for name, size in _SWIN_SIZES.items() if size == shape), None)
 
 
 @register_model

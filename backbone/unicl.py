@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from florence.backbone.text_tower import TextTower
-from florence.bundle import BundleMixin
+from florence.bundle import PREPROCESS_KEYS, BundleMixin
 from florence.factory import create_model
 from florence.registry import register_architecture
 from florence.tokenizer import load_tokenizer, tokenize
 
 _CONFIG_KEYS = ("name", "image", "text", "embed_dim", "context_length", "preprocess")
-_PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
 _IMAGE_LOAD_KEYS = ("pretrained", "pretrained_format")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")
 
@@ -215,7 +214,7 @@ def _check_config(config: dict[str, Any]) -> None:
         raise KeyError("UniCL config: 'text' needs 'model_type' (HF config fields) or 'pretrained' (a local dir)")
     preprocess = config.get("preprocess")
     if preprocess is not None:
-        missing = [k for k in _PREPROCESS_KEYS if k not in preprocess]
+        missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
         if missing:
             raise KeyError(f"UniCL config: 'preprocess' lacks {missing}")
 

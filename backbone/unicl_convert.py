@@ -47,7 +47,9 @@ from typing import Any, Mapping
 
 import torch
 
+from florence.backbone.coswin import swin_name
 from florence.backbone.unicl import UniCLModel, build_unicl
+from florence.bundle import PREPROCESS_KEYS
 from florence.errors import FlorenceError
 from florence.tokenizer import CLIP_CONTEXT_LENGTH, clip_tokenizer, load_tokenizer
 from florence.weights import LoadReport, WeightsError, read_state_dict
@@ -56,14 +58,7 @@ __all__ = ["UNICL_EVAL_PREPROCESS", "UniCLConvertError", "convert_unicl", "unicl
 
 UNICL_EVAL_PREPROCESS = dict(input_size=[3, 224, 224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
                              interpolation="bicubic", crop_pct=0.875)
-_PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation")
 _TOP_KEYS = ("text_projection", "image_projection", "logit_scale")
-_SWIN_NAMES = {  # (C, depths, heads) of the named Swin sizes (florence.backbone.coswin)
-    "swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
-}
 # UniCL text-encoder names -> CLIPTextModel names (the in_proj split is separate)
 _TEXT_RULES = [
     (re.compile(r"^token_embedding\.weight$"), "embeddings.token_embedding.weight"),
@@ -162,8 +157,8 @@ def _text_shape(text: dict[str, torch.Tensor], origin: str) -> dict[str, int]:
 
 
 def _image_model_name(shape: dict[str, Any]) -> str:
-    key = (shape["embed_dim"], tuple(shape["depths"]), tuple(shape["num_heads"]))
-    return next((name for name, v in _SWIN_NAMES.items() if v == key), "swin_tiny")
+    """The named Swin of this shape; another shape builds on ``swin_tiny`` with every shape key as an override."""
+    return swin_name(shape["embed_dim"], shape["depths"], shape["num_heads"]) or "swin_tiny"
 
 
 def unicl_config(state: Mapping[str, torch.Tensor], *, preprocess: dict[str, Any], text_heads: int | None = None,
@@ -171,8 +166,8 @@ def unicl_config(state: Mapping[str, torch.Tensor], *, preprocess: dict[str, Any
     """The florence UniCL config (``build_unicl`` format) of a UniCL state dict (module docstring for what is
     inferred). ``tokenizer`` (a transformers tokenizer) gives the text config's pad / bos / eos ids."""
     image, text, top, _ = _split(dict(state))
-    if not isinstance(preprocess, dict) or any(k not in preprocess for k in _PREPROCESS_KEYS):
-        raise UniCLConvertError(f"{origin}: preprocess must give {list(_PREPROCESS_KEYS)} (the checkpoint does not "
+    if not isinstance(preprocess, dict) or any(k not in preprocess for k in PREPROCESS_KEYS):
+        raise UniCLConvertError(f"{origin}: preprocess must give {list(PREPROCESS_KEYS)} (the checkpoint does not "
                                 "record its image size and normalisation; florence refuses to guess them), got "
                                 f"{preprocess!r}")
     shape = _swin_shape(image, origin)

@@ -40,7 +40,7 @@ from florence.backbone.foreign import load_hf_dual_encoder, load_open_clip
 from florence.backbone.unicl_convert import UNICL_EVAL_PREPROCESS, convert_unicl
 from florence.bundle import PREPROCESS_KEYS, from_pretrained, save_pretrained
 from florence.engine.config import parse_overrides
-from florence.errors import FlorenceError
+from florence.errors import FlorenceError, first_line
 from florence.factory import create_model, load_weights
 from florence.weights import LoadReport
 
@@ -51,7 +51,8 @@ _LOAD_WEIGHTS_FORMATS = ("timm", "microsoft", "mmdet", "dynamichead", "mmaction2
 FORMATS = ("timm", "microsoft", "unicl", "open_clip", "hf", "mmdet", "dynamichead", "mmaction2")
 _EXAMPLE_MODEL = {"timm": "swin_tiny", "microsoft": "swin_tiny", "mmdet": "dyhead_atss_swin_tiny",
                   "dynamichead": "dyhead_atss_swin_tiny", "mmaction2": "video_swin_tiny"}
-_TIMM_SWIN_ARGS = ("img_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias", "num_classes")
+_TIMM_SWIN_ARGS = ("img_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio", "qkv_bias",
+                   "num_classes")
 _TIMM_SWIN = re.compile(r"^swin_(tiny|small|base|large)_patch4_window(\d+)_(\d+)")
 
 
@@ -86,7 +87,10 @@ def read_preprocess(spec: str | None) -> dict[str, Any] | None:
 def _timm_hub_dir(src: Path, model: str | None) -> tuple[Path, str, dict[str, Any], dict[str, Any], list | None]:
     """A timm Hugging Face Hub directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) ->
     (weights file, our model name, overrides, recorded preprocessing, label names)."""
-    config = json.loads((src / "config.json").read_text())
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConvertError(f"{src / 'config.json'}: not a timm Hub config ({first_line(err)})") from None
     weights = next((src / f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).is_file()), None)
     if weights is None:
         raise ConvertError(f"{src}: no model.safetensors or pytorch_model.bin")
@@ -124,7 +128,10 @@ def _convert_with_load_weights(fmt: str, src: str, model: str | None, overrides:
     if not preprocess:
         raise ConvertError(f"{src}: a {fmt} checkpoint does not record its preprocessing; give --preprocess "
                            "(JSON with input_size, mean, std, interpolation, crop_pct)")
-    net = create_model(model, **overrides)
+    try:
+        net = create_model(model, **overrides)
+    except (TypeError, ValueError) as err:  # an override the constructor refuses (--set window_size=abc)
+        raise ConvertError(f"--model {model} --set {overrides}: {first_line(err)}") from None
     report = load_weights(net, path, format=fmt, strict=strict)
     net.preprocess = dict(preprocess)
     if labels is not None and len(labels) == overrides.get("num_classes"):
@@ -140,10 +147,14 @@ def _convert_unicl(src: str, preprocess: dict[str, Any] | None, text_heads: int 
     return convert_unicl(src, preprocess=preprocess, text_heads=text_heads, strict=strict)
 
 
-def _convert_foreign(loader: Callable[[str], nn.Module], src: str,
-                     preprocess: dict[str, Any] | None) -> tuple[nn.Module, LoadReport]:
-    """open_clip / transformers: the source library loads its own weights (strictly); the wrapper keeps its report."""
+def _convert_foreign(loader: Callable[[str], nn.Module], src: str, preprocess: dict[str, Any] | None,
+                     strict: bool) -> tuple[nn.Module, LoadReport]:
+    """open_clip / transformers: the source library loads its own weights (strictly); the wrapper keeps its report.
+    Strict: a model whose weights were not all loaded (``open_clip:ARCH`` without WEIGHTS) is refused."""
     model = loader(src)
+    if strict and model.load_report.newly_initialized:
+        raise ConvertError(f"{src}: {len(model.load_report.newly_initialized)} tensors would be random (no weights "
+                           "given: ARCH:WEIGHTS); --no-strict writes them anyway")
     if preprocess is not None:
         model.preprocess = dict(preprocess)
     return model, model.load_report
@@ -156,14 +167,19 @@ def convert(fmt: str, src: str, out: str | Path, *, model: str | None = None, ov
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     overrides = dict(overrides or {})
+    unused = [flag for flag, value, used in (("--model", model, fmt in _LOAD_WEIGHTS_FORMATS),
+                                             ("--set", overrides, fmt in _LOAD_WEIGHTS_FORMATS),
+                                             ("--text-heads", text_heads, fmt == "unicl")) if value and not used]
+    if unused:
+        raise ConvertError(f"--from {fmt} does not take {', '.join(unused)} (the source defines the architecture)")
     if fmt in _LOAD_WEIGHTS_FORMATS:
         net, report = _convert_with_load_weights(fmt, src, model, overrides, preprocess, strict)
     elif fmt == "unicl":
         net, report = _convert_unicl(src, preprocess, text_heads, strict)
     elif fmt == "open_clip":
-        net, report = _convert_foreign(load_open_clip, src, preprocess)
+        net, report = _convert_foreign(load_open_clip, src, preprocess, strict)
     else:
-        net, report = _convert_foreign(load_hf_dual_encoder, src, preprocess)
+        net, report = _convert_foreign(load_hf_dual_encoder, src, preprocess, strict)
     out = save_pretrained(net.eval(), out)
     check_bundle(net, out)
     return out, report

@@ -8,3 +8,10 @@ from __future__ import annotations
 
 class FlorenceError(Exception):
     """Base of the errors a user can fix: the message names the file, sample or key."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), for one-line errors that
+    quote another library's multi-line message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

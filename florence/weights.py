@@ -6,6 +6,7 @@ checkpoints (``florence.backbone.convert``) build on both.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -13,7 +14,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file
 
-from florence.errors import FlorenceError
+from florence.errors import FlorenceError, first_line
 
 
 class WeightsError(FlorenceError, KeyError, ValueError):
@@ -83,8 +84,13 @@ def read_state_dict(src: str | Path | Mapping[str, torch.Tensor]) -> dict[str, t
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # UnpicklingError and friends: refuse, naming the file
-                raise WeightsError(f"{path}: not a plain tensor checkpoint (read with weights_only=True): {e}") from e
+            except Exception as e:  # UnpicklingError and friends: refuse, naming the file, in one line
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                reason = f"it holds a pickled {found.group(1)}" if found else first_line(e)
+                raise WeightsError(
+                    f"{path}: not a plain tensor checkpoint ({reason}); florence reads weights with torch.load("
+                    "weights_only=True) and never unpickles objects. If you trust the file, extract its tensors once: "
+                    "torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')") from None
     while True:
         wrapper = next((w for w in ("model", "state_dict", "module") if isinstance(state.get(w), Mapping)), None)
         if wrapper is None:

@@ -1,6 +1,7 @@
 """``florence convert``: foreign layouts -> verified bundles whose outputs equal the source model's."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -91,3 +92,27 @@ def test_bad_preprocess_is_one_line(tmp_path, capsys, preprocess, message):
                  "--preprocess", preprocess]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_user_mistakes_are_one_line_errors(timm_swin, tmp_path, capsys):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text("{not json")
+    (hub / "model.safetensors").write_bytes(b"")
+    src = tmp_path / "swin.safetensors"
+    save_file(_to_microsoft(timm_swin.state_dict()), str(src))
+    pickled = tmp_path / "release.pth"
+    torch.save({"model": timm_swin.state_dict(), "config": argparse.Namespace(lr=1e-3)}, pickled)
+    cases = [
+        (["--from", "timm", str(hub)], "config.json"),
+        (["--from", "microsoft", str(src), "--model", "swin_tiny", "--set", "window_size=abc"], "window_size"),
+        (["--from", "microsoft", str(pickled), "--model", "swin_tiny"], "pickled argparse.Namespace"),
+        (["--from", "hf", str(hub), "--model", "swin_tiny"], "does not take --model"),
+        (["--from", "timm", str(src), "--text-heads", "8"], "does not take --text-heads"),
+    ]
+    for argv, message in cases:
+        argv = [*argv[:3], str(tmp_path / "out"), *argv[3:], "--preprocess", json.dumps(PREPROCESS)]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (argv, err)
+    assert not (tmp_path / "out").exists()

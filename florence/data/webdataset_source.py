@@ -31,7 +31,7 @@ worker (not the workers' read-ahead), so ``state_dict()`` after step k describes
 
 - ``version`` (2), ``batch`` (batches handed out), ``seed``, ``restart`` (0 unless the run itself continued an
   approximate resume), ``batch_size``, ``world_size``, ``num_workers`` and per source ``{"name", "shards",
-  "shuffle_buffer", "resampled"}``: what the position is valid for;
+  "shards_sha256" (of the shard list), "shuffle_buffer", "resampled"}``: what the position is valid for;
 - ``workers``: per logical worker ``w`` (``None`` before its first batch) ``{"draws": t, "sources": [per source
   {"epoch", "shard", "offset", "picks", "buffer"}]}``: ``t`` draws taken by the mixer (bad ones included), and
   per source the shard being read (``shard``-th of the worker's list for ``epoch``; for a resampled source its
@@ -53,6 +53,7 @@ samples an uninterrupted run would have seen; ``num_workers`` may change.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -122,8 +123,9 @@ class WebDatasetSource:
 
     def describe(self) -> dict[str, Any]:
         """What a recorded stream position depends on (checked at resume)."""
-        return {"name": self.name, "shards": len(self.urls), "shuffle_buffer": self.shuffle_buffer,
-                "resampled": self.resampled}
+        return {"name": self.name, "shards": len(self.urls),
+                "shards_sha256": hashlib.sha256("\n".join(self.urls).encode()).hexdigest(),
+                "shuffle_buffer": self.shuffle_buffer, "resampled": self.resampled}
 
 
 class _ShardHandler:
@@ -143,8 +145,12 @@ class _ShardHandler:
         return True
 
 
+_SUBSTREAM_TAG = 0x9E3779B97F4A7C15  # sub-stream seeds start from seed ^ tag: not any sample's sample_seed(seed, t)
+
+
 def _derive(seed: int, *path: int) -> int:
-    """A seed for a sub-stream (``path`` names it), independent of ``sample_seed(seed, t)``."""
+    """A seed for a sub-stream (``path`` names it), independent of the samples' ``sample_seed(seed, t)``."""
+    seed ^= _SUBSTREAM_TAG
     for p in path:
         seed = sample_seed(seed, p)
     return seed
@@ -325,8 +331,9 @@ class WebDatasetStream(IterableDataset):
             t = int(state["draws"])
             for reader, source_state in zip(readers, state["sources"]):
                 reader.restore(source_state)
+        failures = 0  # bad samples in a row, across batch boundaries
         while True:
-            samples, failures = [], 0
+            samples = []
             while len(samples) < self.batch_size:
                 i = self._pick(pick_seed, t)
                 seed = sample_seed(stream_seed, t)
@@ -403,7 +410,7 @@ class WebDatasetLoader:
                            "seeded draw, not the samples an uninterrupted run would have seen next", self.batch, why)
             self.stream.restart = self.batch
             return
-        current = self._describe()
+        current = {"version": STATE_VERSION, **self._describe()}
         for key, value in current.items():
             if saved.get(key) != value:
                 raise DataConfigError(f"data: cannot resume the webdataset stream exactly: the checkpoint has {key} = "
