@@ -5,13 +5,18 @@ them unchanged.
 Spellings (model sources, ``florence.registry.register_source``; ``florence.from_pretrained`` and
 ``florence.bundle.bundle_sha256`` accept them wherever a bundle directory goes, e.g. ``--model``):
 
-- ``open_clip:ARCH:WEIGHTS`` -- ARCH is an open_clip model name (``open_clip.list_models()``, e.g. ``ViT-B-32``) or a
-  local JSON model config (open_clip's ``{"embed_dim", "vision_cfg", "text_cfg", ...}``, or an
-  ``open_clip_config.json`` ``{"model_cfg": ..., "preprocess_cfg": ...}``); WEIGHTS is a local checkpoint file read by
-  open_clip's own ``load_checkpoint`` (strict; ``.safetensors`` or a ``torch.load(weights_only=True)`` state dict).
-  ARCH may not contain ``:``. ``open_clip:ARCH`` alone is a random initialisation drawn with seed 0 (tests).
+- ``open_clip:ARCH[@TAG][:WEIGHTS]`` -- ARCH is an open_clip model name (``open_clip.list_models()``, e.g.
+  ``ViT-B-32``) or a local ``open_clip_config.json`` (``{"model_cfg": ..., "preprocess_cfg": ...}``, as open_clip
+  writes it next to released weights); TAG an open_clip pretrained tag of ARCH
+  (``open_clip.list_pretrained_tags_by_model``, e.g. ``ViT-L-14@laion2b_s32b_b82k``) naming the release whose
+  preprocessing the weights need; WEIGHTS is a local checkpoint file read by open_clip's own ``load_checkpoint``
+  (strict; ``.safetensors`` or a ``torch.load(weights_only=True)`` state dict). ARCH may not contain ``:``.
+  ``open_clip:ARCH`` alone is a random initialisation drawn with seed 0 (tests).
 - ``hf:DIR`` -- a transformers directory (``config.json``, weights, tokenizer files, ``preprocessor_config.json``) of a
   ``CLIPModel`` or a ``VisionTextDualEncoderModel``, loaded with ``from_pretrained`` in float32, offline.
+
+Nothing is downloaded: tokenizers, Hugging Face text-tower configs and models are read with ``local_files_only`` in
+Hugging Face Hub offline mode (``hub_offline``), so a name that is not in the local cache stops with a one-line error.
 
 Interface (as ``florence.backbone.unicl.UniCLModel``): ``encode_image(images (B, 3, H, W), normalize=True) -> (B, D)``,
 ``encode_text(input_ids, attention_mask, normalize=True) -> (B, D)``, ``tokenize(texts) -> dict(input_ids,
@@ -23,11 +28,16 @@ pooled image features (linear probe, retrieval; ``florence.adapters.features``) 
 ``image_projection`` a view mapping them to the (unnormalised) embedding; where a tower has no separable projection
 (open_clip's ModifiedResNet attention pool) the features are the embedding and the projection is the identity.
 
-Preprocessing is the source's own: open_clip's ``model.visual.preprocess_cfg`` (defaults + image size, or the
-``preprocess_cfg`` of an ``open_clip_config.json``), an HF directory's ``preprocessor_config.json``. Both resize the
-short side and centre-crop, which ``florence.data.transforms.build_transform`` reproduces with ``crop_pct = crop /
-resize``; sources that squash or letterbox (open_clip ``resize_mode`` "squash" / "longest", HF without centre crop)
-are refused rather than approximated. Measured on the eight scikit-image photos: identical to open_clip's eval
+Preprocessing is the source's own, never guessed: for ``ARCH@TAG`` open_clip's pretrained config of the tag (mean,
+std, interpolation, resize_mode over open_clip's defaults, the size from the tower: what open_clip's
+``create_model_and_transforms(ARCH, pretrained=TAG)`` uses, read without downloading); for a bare built-in ARCH the
+same when all of ARCH's tags agree (else a one-line error listing them); for an ``open_clip_config.json`` its
+``preprocess_cfg`` (``mean`` and ``std`` required; a bare open_clip model config records none and is refused); for an
+HF directory its ``preprocessor_config.json`` read through the image-processor class it names (so absent keys take
+that class's transformers defaults, e.g. CLIPImageProcessor's 224 x 224 centre crop). Both resize the short side and
+centre-crop, which ``florence.data.transforms.build_transform`` reproduces with ``crop_pct = crop / resize``; sources
+that squash or letterbox (open_clip ``resize_mode`` "squash" / "longest", HF without centre crop) are refused rather
+than approximated. Measured on the eight scikit-image photos: identical to open_clip's eval
 transform (RGB input; a bilevel mode-"1" image differs, as open_clip resizes before converting to RGB and we after);
 identical to transformers' PIL ``CLIPImageProcessorPil`` except that transformers places the centre crop at
 ``floor((W - crop) / 2)`` and torchvision at round-half-even, one pixel apart for some sizes (2 of the 8 photos at 224);
@@ -49,36 +59,39 @@ An open_clip model whose image tower is a timm Swin (``vision_cfg.timm_model_nam
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
 import json
+import os
 import pickle
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import huggingface_hub.constants as hf_constants
 import open_clip
 import torch
 import torch.nn.functional as F
 import transformers
 from open_clip.timm_model import TimmModel
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-from open_clip.transform import PreprocessCfg
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import VisionTransformer
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from florence.backbone.unicl import UniCLOutput
 from florence.bundle import BundleMixin, sha256_file
-from florence.errors import FlorenceError
+from florence.errors import FlorenceError, first_line
 from florence.factory import create_model
 from florence.registry import register_architecture, register_source
 from florence.tokenizer import load_tokenizer
 from florence.weights import LoadReport, WeightsError
 
 __all__ = ["ForeignModelError", "OpenCLIPDualEncoder", "HFDualEncoder", "load_open_clip", "load_hf_dual_encoder",
-           "open_clip_sha256", "hf_sha256"]
+           "open_clip_sha256", "hf_sha256", "hub_offline"]
 
 _INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL codes
 _HF_MODELS = {"clip": "CLIPModel", "vision-text-dual-encoder": "VisionTextDualEncoderModel"}  # transformers classes
@@ -99,6 +112,23 @@ def file_sha256(path: Path) -> str:
     """SHA-256 of a file, remembered per (path, size, mtime) for the process (weights files are large)."""
     st = path.stat()
     return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode for the block (``HF_HUB_OFFLINE=1``; huggingface_hub reads the setting once at
+    import, so its module constant is set too): transformers and huggingface_hub read only local files and the local
+    cache, and fail fast instead of downloading. Restored on exit."""
+    saved_env, saved_flag = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hf_constants.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved_flag
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
 
 
 def _record_hash(record: dict[str, Any]) -> str:
@@ -203,9 +233,11 @@ def _open_clip_class(cfg: dict[str, Any]) -> type:
     return open_clip.CLIP
 
 
-def build_open_clip(cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> nn.Module:
-    """An open_clip model from its model config, freshly initialised (no tower weights downloaded), with
-    ``visual.preprocess_cfg`` = open_clip's defaults, the tower's image size and ``preprocess_cfg``."""
+def build_open_clip(cfg: dict[str, Any], preprocess_cfg: dict[str, Any]) -> nn.Module:
+    """An open_clip model from its model config, freshly initialised (no tower weights downloaded; a Hugging Face text
+    tower's config read offline), with ``visual.preprocess_cfg`` = ``preprocess_cfg`` merged over open_clip's defaults
+    and the tower's image size, as open_clip's own loader merges a recorded ``preprocess_cfg`` (the source's record:
+    ``_parse_open_clip``, a bundle's config)."""
     cfg = copy.deepcopy(cfg)
     cls = _open_clip_class(cfg)
     cfg.pop("custom_text", None)
@@ -214,11 +246,12 @@ def build_open_clip(cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None =
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = False
     try:
-        model = cls(**cfg)
+        with hub_offline():
+            model = cls(**cfg)
     except (OSError, RuntimeError) as err:  # a Hugging Face text tower's config not cached, an unknown timm model
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ForeignModelError(f"open_clip model config: cannot build its towers offline ({first})") from None
-    pp = {**asdict(PreprocessCfg()), "size": getattr(model.visual, "image_size", 224), **(preprocess_cfg or {})}
+        raise ForeignModelError(f"open_clip model config: cannot build its towers offline ({first_line(err)})") from None
+    pp = merge_preprocess_dict({**asdict(PreprocessCfg()), "size": getattr(model.visual, "image_size", 224)},
+                               preprocess_cfg)
     open_clip.set_model_preprocess_cfg(model, pp)
     return model
 
@@ -239,50 +272,122 @@ def open_clip_preprocess(preprocess_cfg: dict[str, Any], where: str) -> dict[str
 
 def open_clip_tokenizer(cfg: dict[str, Any], name: str | None = None, directory: Path | None = None):
     """The tokenizer open_clip pairs with a model config: an ``HFTokenizer`` when ``text_cfg`` names
-    ``hf_tokenizer_name`` (read from ``directory`` when given: a bundle's ``tokenizer/``), SigLIP's for a built-in
-    SigLIP name, else the CLIP BPE ``SimpleTokenizer`` (its vocabulary ships in the package: offline)."""
+    ``hf_tokenizer_name`` (read from ``directory`` when given: a bundle's ``tokenizer/``; else from the local Hugging
+    Face cache, offline: never downloaded), else the CLIP BPE ``SimpleTokenizer`` (its vocabulary ships in the
+    package). (open_clip's SigLIP-name fallback is not needed: every built-in SigLIP config names its tokenizer.)"""
     text = cfg.get("text_cfg", {})
     context_length = text.get("context_length", 77)
     kwargs = dict(text.get("tokenizer_kwargs", {}))
-    try:
-        if "hf_tokenizer_name" in text:
-            source = str(directory) if directory is not None else text["hf_tokenizer_name"]
-            return HFTokenizer(source, context_length=context_length,
-                                         tokenizer_mode=text.get("tokenizer_mode"), **kwargs)
-        if name is not None and "siglip" in name.lower():
-            return open_clip.get_tokenizer(name)
+    if "hf_tokenizer_name" not in text:
         return SimpleTokenizer(context_length=context_length, **kwargs)
+    source = str(directory) if directory is not None else text["hf_tokenizer_name"]
+    try:
+        with hub_offline():
+            tokenizer = HFTokenizer(source, context_length=context_length, tokenizer_mode=text.get("tokenizer_mode"),
+                                    local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
-        raise ForeignModelError(f"open_clip {name or 'model'}: its tokenizer cannot be loaded offline "
-                                f"({err})") from None
+        raise ForeignModelError(f"open_clip {name or 'model'}: its tokenizer {source!r} cannot be loaded offline "
+                                f"({first_line(err)})") from None
+    if tokenizer.tokenizer.pad_token_id is None:
+        raise ForeignModelError(f"open_clip {name or 'model'}: its tokenizer {source!r} has no pad token")
+    return tokenizer
 
 
-def _parse_open_clip(spec: str) -> tuple[str, str | None, dict[str, Any], dict[str, Any]]:
-    """``[open_clip:]ARCH[:WEIGHTS]`` -> (name, weights path or None, model config, preprocess_cfg from the file)."""
+class OpenCLIPSource(NamedTuple):
+    """A parsed ``open_clip:ARCH[@TAG][:WEIGHTS]`` spelling."""
+
+    arch: str  # as spelled; a config file's path absolute
+    tag: str | None  # the open_clip pretrained tag, or None
+    weights: str | None  # the weights file, or None (seeded random initialisation)
+    name: str  # the open_clip model name, or the config file's stem (a label)
+    model_config: dict[str, Any]  # open_clip's model config
+    preprocess_cfg: dict[str, Any]  # the recorded preprocessing (open_clip keys, without the size: the tower's)
+
+    @property
+    def spec(self) -> str:
+        """The spelling with absolute paths."""
+        weights = [str(Path(self.weights).absolute())] if self.weights else []
+        return "open_clip:" + ":".join([self.arch + (f"@{self.tag}" if self.tag else ""), *weights])
+
+
+def _tag_preprocess(arch: str, tag: str) -> dict[str, Any]:
+    """The preprocessing open_clip gives ``create_model_and_transforms(arch, pretrained=tag)``: its defaults with the
+    tag's pretrained config over them (no size: open_clip takes the tower's); read from open_clip's table, no
+    download."""
+    merged = merge_preprocess_dict(PreprocessCfg(), open_clip.get_pretrained_cfg(arch, tag))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items() if k != "size"}
+
+
+def _builtin_preprocess(arch: str, tag: str | None, cfg: dict[str, Any], spec: str) -> dict[str, Any]:
+    """The preprocessing of a built-in ARCH: its tag's, or, without a tag, the one all of its tags agree on."""
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag is not None:
+        if not open_clip.get_pretrained_cfg(arch, tag):
+            raise ForeignModelError(f"{spec!r}: {tag!r} is not an open_clip pretrained tag of {arch} (its tags: "
+                                    f"{', '.join(tags) or 'none'})")
+        quick = open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
+        if quick != cfg.get("quick_gelu", False):
+            raise ForeignModelError(f"{spec!r}: tag {tag!r} was trained with quick_gelu={quick} but {arch}'s config "
+                                    f"has quick_gelu={cfg.get('quick_gelu', False)}; spell the matching model name "
+                                    f"(e.g. {arch.removesuffix('-quickgelu')}{'-quickgelu' if quick else ''}@{tag})")
+        return _tag_preprocess(arch, tag)
+    if not tags:
+        raise ForeignModelError(f"{spec!r}: open_clip records no preprocessing for {arch} (it has no pretrained tags); "
+                                "use a local open_clip_config.json with its preprocess_cfg")
+    found = {t: _tag_preprocess(arch, t) for t in tags}
+    if any(pp != found[tags[0]] for pp in found.values()):
+        raise ForeignModelError(f"{spec!r}: {arch}'s pretrained tags preprocess differently ({', '.join(tags)}); spell "
+                                f"open_clip:{arch}@TAG[:WEIGHTS] with the weights' tag, or use a local "
+                                "open_clip_config.json with its preprocess_cfg")
+    return found[tags[0]]
+
+
+def _config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model config, preprocess_cfg) of an ``open_clip_config.json``; a file that records no preprocessing (a bare
+    open_clip model config, or no ``preprocess_cfg`` mean / std) is refused: open_clip's defaults are not a record."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ForeignModelError(f"{path}: cannot read an open_clip config ({first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise ForeignModelError(f"{path}: not an open_clip config (a JSON object)")
+    cfg, preprocess_cfg = data.get("model_cfg", data), data.get("preprocess_cfg")
+    missing = [k for k in ("mean", "std") if not isinstance(preprocess_cfg, dict) or k not in preprocess_cfg]
+    if missing:
+        raise ForeignModelError(f"{path}: no preprocess_cfg {'/'.join(missing)}; florence never guesses "
+                                'preprocessing: write {"model_cfg": ..., "preprocess_cfg": {"mean": ..., "std": ..., '
+                                '"interpolation": ..., "resize_mode": ...}} (open_clip_config.json) or spell a '
+                                "built-in open_clip:ARCH@TAG")
+    return cfg, {k: v for k, v in preprocess_cfg.items() if k != "size"}  # open_clip takes the tower's size
+
+
+def _parse_open_clip(spec: str) -> OpenCLIPSource:
+    """``[open_clip:]ARCH[@TAG][:WEIGHTS]`` -> its parts, the model config and the recorded preprocessing."""
     rest = spec.removeprefix("open_clip:")
     arch, _, weights = rest.partition(":")
+    arch, _, tag = arch.partition("@") if not arch.endswith(".json") else (arch, "", "")
     if not arch:
-        raise ForeignModelError(f"{spec!r}: spell an open_clip model as open_clip:ARCH[:WEIGHTS]")
+        raise ForeignModelError(f"{spec!r}: spell an open_clip model as open_clip:ARCH[@TAG][:WEIGHTS]")
     if arch.endswith(".json"):
+        if tag:
+            raise ForeignModelError(f"{spec!r}: @TAG names an open_clip pretrained tag of a built-in model name; a "
+                                    ".json config records its own preprocess_cfg")
         path = Path(arch)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ForeignModelError(f"{path}: cannot read an open_clip model config ({err})") from None
-        cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
-        preprocess_cfg = data.get("preprocess_cfg", {}) if isinstance(data, dict) else {}
-        name = path.stem
+        cfg, preprocess_cfg = _config_file(path)
+        name, arch = path.stem, str(path.absolute())
     else:
-        cfg, preprocess_cfg, name = open_clip.get_model_config(arch), {}, arch
+        cfg, name = open_clip.get_model_config(arch), arch
         if cfg is None:
             raise ForeignModelError(f"{spec!r}: {arch!r} is neither an open_clip model name (open_clip.list_models()) "
-                                    "nor a .json model config")
+                                    "nor a .json config")
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
     if missing:
         raise ForeignModelError(f"{arch}: not an open_clip model config (lacks {missing})")
+    if not arch.endswith(".json"):
+        preprocess_cfg = _builtin_preprocess(arch, tag or None, cfg, spec)
     if weights and not Path(weights).is_file():
         raise ForeignModelError(f"{weights}: open_clip weights file not found")
-    return name, weights or None, cfg, preprocess_cfg
+    return OpenCLIPSource(arch, tag or None, weights or None, name, cfg, preprocess_cfg)
 
 
 @register_architecture("open_clip")
@@ -315,7 +420,9 @@ class OpenCLIPDualEncoder(ForeignDualEncoder):
     def from_bundle_config(cls, config: dict[str, Any], preprocess: dict[str, Any] | None,
                            directory: Path | None) -> "OpenCLIPDualEncoder":
         cfg = config["model_config"]
-        model = build_open_clip(cfg, config.get("preprocess_cfg"))
+        if not isinstance(config.get("preprocess_cfg"), dict):
+            raise ForeignModelError(f"{directory}: an open_clip bundle's config.json needs its preprocess_cfg")
+        model = build_open_clip(cfg, config["preprocess_cfg"])
         tok_dir = directory / "tokenizer" if directory is not None and (directory / "tokenizer").is_dir() else None
         return cls(model, cfg, open_clip_tokenizer(cfg, config["name"], tok_dir), config["name"], preprocess)
 
@@ -336,10 +443,16 @@ class OpenCLIPDualEncoder(ForeignDualEncoder):
         return self.model.encode_text(input_ids, normalize=normalize)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``dict(input_ids, attention_mask)`` (N, context_length) int64 from open_clip's tokenizer."""
+        """``dict(input_ids, attention_mask)`` (N, context_length) int64 from open_clip's tokenizer. The mask marks the
+        text: for the CLIP BPE the positions up to and including the first end-of-text token (its padding id 0 is
+        also the "!" of "!??", so the ids cannot tell padding apart), for an ``HFTokenizer`` the ids other than its
+        pad token (as open_clip's Hugging Face text tower masks)."""
         ids = self.tokenizer(self._check_texts(texts)).long()  # N, L
-        pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None) or 0
-        return {"input_ids": ids, "attention_mask": (ids != pad).long()}
+        if isinstance(self.tokenizer, HFTokenizer):
+            return {"input_ids": ids, "attention_mask": (ids != self.tokenizer.tokenizer.pad_token_id).long()}
+        is_eot = ids == self.tokenizer.eot_token_id  # N, L; the tokenizer ends every row with one (truncation too)
+        first = torch.where(is_eot.any(1), is_eot.int().argmax(1), ids.shape[1] - 1)  # N
+        return {"input_ids": ids, "attention_mask": (torch.arange(ids.shape[1]) <= first[:, None]).long()}
 
     # -- pooled features before the projection (florence.adapters.features)
 
@@ -403,66 +516,78 @@ def _swin_name(trunk: SwinTransformer) -> str:
 
 
 def load_open_clip(spec: str) -> OpenCLIPDualEncoder:
-    """``[open_clip:]ARCH[:WEIGHTS]`` (module docstring) -> a wrapped model in eval mode, ``load_report`` set.
+    """``[open_clip:]ARCH[@TAG][:WEIGHTS]`` (module docstring) -> a wrapped model in eval mode, ``load_report`` set.
 
     The weights go through open_clip's ``load_checkpoint`` (its key conversions, then a strict load); without WEIGHTS
     the model is a random initialisation with seed ``RANDOM_INIT_SEED`` (the global RNG is left untouched)."""
-    name, weights, cfg, preprocess_cfg = _parse_open_clip(spec)
+    src = _parse_open_clip(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = build_open_clip(cfg, preprocess_cfg)
-    if weights is not None:
+        model = build_open_clip(src.model_config, src.preprocess_cfg)
+    if src.weights is not None:
         try:
-            open_clip.load_checkpoint(model, weights, strict=True, weights_only=True)
+            open_clip.load_checkpoint(model, src.weights, strict=True, weights_only=True)
         except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as err:  # read / strict load
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise WeightsError(f"{weights}: not an open_clip checkpoint for {name} ({first})") from None
-    wrapped = OpenCLIPDualEncoder(model, cfg, open_clip_tokenizer(cfg, name), name)
+            raise WeightsError(f"{src.weights}: not an open_clip checkpoint for {src.name} "
+                               f"({first_line(err)})") from None
+    wrapped = OpenCLIPDualEncoder(model, src.model_config, open_clip_tokenizer(src.model_config, src.name), src.name)
     keys = sorted(wrapped.state_dict())  # model.<open_clip key>
-    report = LoadReport(loaded=keys) if weights is not None else LoadReport(newly_initialized=keys)
-    wrapped.source_spec = "open_clip:" + ":".join([_absolute(spec.removeprefix("open_clip:").partition(":")[0]),
-                                                   *([str(Path(weights).absolute())] if weights else [])])
+    report = LoadReport(loaded=keys) if src.weights is not None else LoadReport(newly_initialized=keys)
+    wrapped.source_spec = src.spec
     wrapped.load_report = report
     return wrapped.eval()
 
 
-def _absolute(arch: str) -> str:
-    return str(Path(arch).absolute()) if arch.endswith(".json") else arch
-
-
 def open_clip_sha256(spec: str) -> str:
-    """SHA-256 of ``[open_clip:]ARCH[:WEIGHTS]``: the model config, file preprocessing and the weights' SHA-256 (or
-    the random-initialisation seed)."""
-    name, weights, cfg, preprocess_cfg = _parse_open_clip(spec)
-    weights_id = file_sha256(Path(weights)) if weights else f"random-init-seed-{RANDOM_INIT_SEED}"
-    return _record_hash({"source": "open_clip", "name": name, "model_config": cfg, "preprocess_cfg": preprocess_cfg,
-                         "weights": weights_id})
+    """SHA-256 of ``[open_clip:]ARCH[@TAG][:WEIGHTS]``: the model config, the recorded preprocessing (the tag's, the
+    file's) and the weights' SHA-256 (or the random-initialisation seed)."""
+    src = _parse_open_clip(spec)
+    weights_id = file_sha256(Path(src.weights)) if src.weights else f"random-init-seed-{RANDOM_INIT_SEED}"
+    return _record_hash({"source": "open_clip", "name": src.name, "model_config": src.model_config,
+                         "preprocess_cfg": src.preprocess_cfg, "weights": weights_id})
 
 
 # -- Hugging Face -----------------------------------------------------------------------------------------------------
 
 
+def _hf_image_processor(cfg: dict[str, Any], path: Path):
+    """The transformers image processor a ``preprocessor_config.json`` describes, built from it by the class it names
+    (``image_processor_type``; an older file's ``feature_extractor_type`` maps as transformers maps it): keys the file
+    leaves out take that class's defaults, exactly as transformers reads the file."""
+    name = cfg.get("image_processor_type") or str(cfg.get("feature_extractor_type", "")).replace(
+        "FeatureExtractor", "ImageProcessor")
+    cls = getattr(transformers, name, None) if name else None
+    if cls is None or not hasattr(cls, "from_dict"):
+        raise ForeignModelError(f"{path}: image_processor_type {name or None!r} is not a transformers image processor "
+                                "class; florence reads the file through the class it names")
+    return cls.from_dict({k: v for k, v in cfg.items() if k not in ("image_processor_type", "feature_extractor_type")})
+
+
 def hf_preprocess(path: Path) -> dict[str, Any]:
-    """Our ``preprocess`` dict from a transformers ``preprocessor_config.json`` (CLIPImageProcessor keys: size,
-    crop_size, resample, image_mean, image_std, do_*). Required: florence does not guess preprocessing."""
+    """Our ``preprocess`` dict from a transformers ``preprocessor_config.json`` (read through the image-processor
+    class it names: size, crop_size, resample, image_mean, image_std, do_*, with that class's defaults for absent
+    keys). Required: florence does not guess preprocessing."""
     if not path.is_file():
         raise ForeignModelError(f"{path}: missing; florence takes the preprocessing from it and refuses to guess")
     try:
         cfg = json.loads(path.read_text())
         cfg = cfg.get("image_processor", cfg)  # a processor_config.json nests it
-        size, crop = cfg.get("size", 224), cfg.get("crop_size", cfg.get("size", 224))
-        shortest = size if isinstance(size, int) else size.get("shortest_edge")
-        crop_hw = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
-        mean, std = (cfg["image_mean"], cfg["image_std"]) if cfg.get("do_normalize", True) else ([0.0] * 3, [1.0] * 3)
-        resample = _INTERPOLATIONS[int(cfg.get("resample", 3))]
+        proc = _hf_image_processor(cfg, path)
+        size, crop = proc.size, getattr(proc, "crop_size", None)
+        shortest, center_crop = size.get("shortest_edge"), getattr(proc, "do_center_crop", False)
+        normalize = proc.do_normalize
+        mean, std = (proc.image_mean, proc.image_std) if normalize else ([0.0] * 3, [1.0] * 3)
+        resample = _INTERPOLATIONS[int(proc.resample)]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ForeignModelError(f"{path}: unreadable image preprocessing ({type(err).__name__}: {err})") from None
-    if not cfg.get("do_resize", True) or not cfg.get("do_center_crop", True) or shortest is None:
+        raise ForeignModelError(f"{path}: unreadable image preprocessing ({type(err).__name__}: "
+                                f"{first_line(err)})") from None
+    if not proc.do_resize or not center_crop or shortest is None or crop is None or crop.get("height") is None:
         raise ForeignModelError(f"{path}: only 'resize the shortest edge, then centre-crop' preprocessing is supported "
-                                f"(do_resize, do_center_crop, size.shortest_edge); got size={size!r}")
-    if cfg.get("do_rescale", True) and abs(float(cfg.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-        raise ForeignModelError(f"{path}: rescale_factor {cfg['rescale_factor']} is not 1/255")
-    return crop_preprocess(crop_hw, int(shortest), mean, std, resample)
+                                f"(do_resize, do_center_crop, size.shortest_edge, crop_size); got size="
+                                f"{cfg.get('size')!r}, do_center_crop={center_crop}")
+    if proc.do_rescale and abs(float(proc.rescale_factor) - 1 / 255) > 1e-12:
+        raise ForeignModelError(f"{path}: rescale_factor {proc.rescale_factor} is not 1/255")
+    return crop_preprocess((crop["height"], crop["width"]), int(shortest), mean, std, resample)
 
 
 def _hf_dir(spec: str | Path) -> Path:
@@ -478,6 +603,20 @@ def _hf_model_class(config: dict[str, Any], where: str) -> type:
         raise ForeignModelError(f"{where}: model_type {model_type!r} is not a supported dual encoder "
                                 f"({', '.join(sorted(_HF_MODELS))})")
     return getattr(transformers, _HF_MODELS[model_type])  # imported on first use (transformers is lazy)
+
+
+def _hf_tokenizer(directory: Path):
+    """The transformers tokenizer saved in ``directory`` (local files only), which must have a pad token: the wrapper
+    pads batches of texts."""
+    try:
+        with hub_offline():
+            tokenizer = load_tokenizer(directory)
+    except (OSError, ValueError) as err:
+        raise ForeignModelError(f"{directory}: no usable tokenizer ({first_line(err)})") from None
+    if tokenizer.pad_token_id is None:
+        raise ForeignModelError(f"{directory}: its tokenizer has no pad token (tokenizer_config.json pad_token); "
+                                "florence pads batches of texts")
+    return tokenizer
 
 
 def _hf_context_length(model: nn.Module, tokenizer) -> int:
@@ -513,7 +652,7 @@ class HFDualEncoder(ForeignDualEncoder):
         model = model_cls(model_cls.config_class.from_dict(hf))
         if directory is None or not (directory / "tokenizer").is_dir():
             raise ForeignModelError(f"{directory}: an hf_dual_encoder bundle needs its tokenizer/ directory")
-        return cls(model, load_tokenizer(directory / "tokenizer"), preprocess)
+        return cls(model, _hf_tokenizer(directory / "tokenizer"), preprocess)
 
     def save_bundle_files(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
@@ -560,18 +699,16 @@ def load_hf_dual_encoder(spec: str | Path) -> HFDualEncoder:
     try:
         config = json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as err:
-        raise ForeignModelError(f"{directory / 'config.json'}: unreadable ({err})") from None
+        raise ForeignModelError(f"{directory / 'config.json'}: unreadable ({first_line(err)})") from None
     model_cls = _hf_model_class(config, str(directory / "config.json"))
     preprocess = hf_preprocess(directory / "preprocessor_config.json")
+    tokenizer = _hf_tokenizer(directory)
     try:
-        tokenizer = load_tokenizer(directory)
+        with hub_offline():
+            model, info = model_cls.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
+                                                    output_loading_info=True)
     except (OSError, ValueError) as err:
-        raise ForeignModelError(f"{directory}: no usable tokenizer ({err})") from None
-    try:
-        model, info = model_cls.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True,
-                                                output_loading_info=True)
-    except (OSError, ValueError) as err:
-        raise WeightsError(f"{directory}: transformers cannot load it ({str(err).splitlines()[0]})") from None
+        raise WeightsError(f"{directory}: transformers cannot load it ({first_line(err)})") from None
     missing, mismatched = sorted(info.get("missing_keys", [])), sorted(info.get("mismatched_keys", []))
     if missing or mismatched:
         raise WeightsError(f"{directory}: weights do not fit {model_cls.__name__}: missing {missing[:10]} "
@@ -592,6 +729,7 @@ def hf_sha256(spec: str | Path) -> str:
     return _record_hash({"source": "hf", "files": {p.name: file_sha256(p) for p in files}})
 
 
-register_source("open_clip", load=load_open_clip, sha256=open_clip_sha256, spelling="open_clip:ARCH[:WEIGHTS]")
+register_source("open_clip", load=load_open_clip, sha256=open_clip_sha256,
+                spelling="open_clip:ARCH[@TAG][:WEIGHTS]")
 register_source("hf", load=load_hf_dual_encoder, sha256=hf_sha256, spelling="hf:DIR")
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from florence.backbone.foreign import load_hf_dual_encoder, load_open_clip
 from florence.backbone.unicl_convert import UNICL_EVAL_PREPROCESS, convert_unicl
-from florence.bundle import PREPROCESS_KEYS, from_pretrained, save_pretrained
+from florence.bundle import PREPROCESS_KEYS, check_preprocess, from_pretrained, save_pretrained
 from florence.engine.config import parse_overrides
 from florence.errors import FlorenceError, first_line
 from florence.factory import create_model, load_weights
@@ -76,12 +76,7 @@ def read_preprocess(spec: str | None) -> dict[str, Any] | None:
         preprocess = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConvertError(f"--preprocess {spec!r}: neither a JSON object nor a JSON file ({e})") from None
-    if not isinstance(preprocess, dict):
-        raise ConvertError(f"--preprocess {spec!r}: expected a JSON object")
-    missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
-    if missing:
-        raise ConvertError(f"--preprocess {spec!r}: lacks {missing}")
-    return preprocess
+    return check_preprocess(preprocess, f"--preprocess {spec!r}")
 
 
 def _timm_hub_dir(src: Path, model: str | None) -> tuple[Path, str, dict[str, Any], dict[str, Any], list | None]:

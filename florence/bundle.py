@@ -87,7 +87,8 @@ def _describe(model: nn.Module) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return architecture, model.bundle_config(), dict(preprocess or {})
 
 
-def _check_preprocess(preprocess: Any, where: str) -> dict[str, Any]:
+def check_preprocess(preprocess: Any, where: str) -> dict[str, Any]:
+    """``preprocess`` if it is a JSON object with the required keys, else ``BundleError`` naming ``where``."""
     if not isinstance(preprocess, dict):
         raise BundleError(f"{where}: preprocessing must be a JSON object")
     missing = [k for k in PREPROCESS_KEYS if k not in preprocess]
@@ -102,7 +103,7 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
 
     directory = Path(directory)
     architecture, config, preprocess = _describe(model)
-    _check_preprocess(preprocess, str(directory))
+    check_preprocess(preprocess, str(directory))
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -185,7 +186,7 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     config = json.loads((directory / "config.json").read_text())
     if config.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{directory / 'config.json'}: unknown bundle format {config.get('format')!r}")
-    preprocess = _check_preprocess(json.loads((directory / "preprocess.json").read_text()), str(directory / "preprocess.json"))
+    preprocess = check_preprocess(json.loads((directory / "preprocess.json").read_text()), str(directory / "preprocess.json"))
     try:
         cls = get_architecture(config.get("architecture"))
     except UnknownNameError as err:
