@@ -82,6 +82,7 @@ from open_clip.transformer import VisionTransformer
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from florence.backbone.coswin import swin_name
 from florence.backbone.unicl import UniCLOutput
 from florence.bundle import BundleMixin, sha256_file
 from florence.errors import FlorenceError, first_line
@@ -249,7 +250,8 @@ def build_open_clip(cfg: dict[str, Any], preprocess_cfg: dict[str, Any]) -> nn.M
         with hub_offline():
             model = cls(**cfg)
     except (OSError, RuntimeError) as err:  # a Hugging Face text tower's config not cached, an unknown timm model
-        raise ForeignModelError(f"open_clip model config: cannot build its towers offline ({first_line(err)})") from None
+        raise ForeignModelError(f"open_clip model config: cannot build its towers offline "
+                                f"({first_line(err)})") from None
     pp = merge_preprocess_dict({**asdict(PreprocessCfg()), "size": getattr(model.visual, "image_size", 224)},
                                preprocess_cfg)
     open_clip.set_model_preprocess_cfg(model, pp)
@@ -488,7 +490,8 @@ class OpenCLIPDualEncoder(ForeignDualEncoder):
         trunk = getattr(visual, "trunk", None)
         if not isinstance(visual, TimmModel) or type(trunk) is not SwinTransformer:
             return super().image_tower()
-        tower = create_model(_swin_name(trunk), **swin_overrides(trunk))
+        overrides = swin_overrides(trunk)
+        tower = create_model(_swin_name(overrides), **overrides)
         report = tower.load_foreign_weights(trunk.state_dict(), format="timm", strict=True)
         tower.load_report = report
         tower.preprocess = dict(self.preprocess)
@@ -507,12 +510,9 @@ def swin_overrides(trunk: SwinTransformer) -> dict[str, Any]:
             "qkv_bias": block.attn.qkv.bias is not None, "window_pad": "after_shift"}
 
 
-def _swin_name(trunk: SwinTransformer) -> str:
-    """The registered Swin name of the trunk's size (a label only: every shape is passed as an override)."""
-    heads = {3: "swin_tiny", 4: "swin_base", 6: "swin_large"}.get(trunk.layers[0].blocks[0].attn.num_heads)
-    if heads == "swin_tiny" and len(trunk.layers) > 2 and len(trunk.layers[2].blocks) == 18:
-        return "swin_small"
-    return heads or "swin_tiny"
+def _swin_name(overrides: dict[str, Any]) -> str:
+    """The registered Swin name of the trunk's shape (a label only: every shape is passed as an override)."""
+    return swin_name(overrides["embed_dim"], overrides["depths"], overrides["num_heads"]) or "swin_tiny"
 
 
 def load_open_clip(spec: str) -> OpenCLIPDualEncoder:
@@ -557,9 +557,10 @@ def _hf_image_processor(cfg: dict[str, Any], path: Path):
     name = cfg.get("image_processor_type") or str(cfg.get("feature_extractor_type", "")).replace(
         "FeatureExtractor", "ImageProcessor")
     cls = getattr(transformers, name, None) if name else None
-    if cls is None or not hasattr(cls, "from_dict"):
-        raise ForeignModelError(f"{path}: image_processor_type {name or None!r} is not a transformers image processor "
-                                "class; florence reads the file through the class it names")
+    if not isinstance(cls, type) or not issubclass(cls, transformers.ImageProcessingMixin):
+        what = f"image_processor_type {name!r} is not a transformers image processor class" if name else \
+            "no image_processor_type"
+        raise ForeignModelError(f"{path}: {what}; florence reads the file through the image processor class it names")
     return cls.from_dict({k: v for k, v in cfg.items() if k not in ("image_processor_type", "feature_extractor_type")})
 
 
@@ -578,6 +579,8 @@ def hf_preprocess(path: Path) -> dict[str, Any]:
         normalize = proc.do_normalize
         mean, std = (proc.image_mean, proc.image_std) if normalize else ([0.0] * 3, [1.0] * 3)
         resample = _INTERPOLATIONS[int(proc.resample)]
+    except ForeignModelError:
+        raise
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ForeignModelError(f"{path}: unreadable image preprocessing ({type(err).__name__}: "
                                 f"{first_line(err)})") from None

@@ -3,7 +3,7 @@
     florence convert --from timm  DIR_OR_FILE OUT [--model swin_tiny] [--preprocess JSON|FILE] [--set k=v ...]
     florence convert --from microsoft FILE OUT --model swin_tiny --preprocess JSON|FILE
     florence convert --from unicl FILE OUT --preprocess unicl|JSON|FILE [--text-heads N]
-    florence convert --from open_clip ARCH:WEIGHTS OUT
+    florence convert --from open_clip ARCH[@TAG]:WEIGHTS OUT
     florence convert --from hf DIR OUT
     florence convert --from mmdet|dynamichead FILE OUT --model dyhead_atss_swin_tiny --preprocess JSON|FILE
     florence convert --from mmaction2 FILE OUT --model video_swin_tiny --preprocess JSON|FILE
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florence convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="the source's layout")
-    parser.add_argument("src", help="checkpoint file or directory (open_clip: ARCH:WEIGHTS)")
+    parser.add_argument("src", help="checkpoint file or directory (open_clip: ARCH[@TAG]:WEIGHTS)")
     parser.add_argument("out", help="bundle directory to write (replaced atomically)")
     parser.add_argument("--model", help="florence model to fill (timm/microsoft/mmdet/dynamichead/mmaction2)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -146,7 +146,8 @@ def _common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", required=True,
                    help="checkpoint bundle directory (florence.from_pretrained), or another library's weights: "
-                   "open_clip:ARCH[:WEIGHTS] (ARCH an open_clip model name or a .json model config) or hf:DIR (a "
+                   "open_clip:ARCH[@TAG][:WEIGHTS] (ARCH an open_clip model name, TAG its pretrained tag, or an "
+                   "open_clip_config.json) or hf:DIR (a "
                    "transformers CLIPModel / VisionTextDualEncoderModel directory)")
     p.add_argument("--output", default="eval_results", help="directory for the JSON results and pictures")
     p.add_argument("--batch-size", type=int, default=128)

@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--model", required=True,
                    help="checkpoint bundle directory (florence.from_pretrained), or another library's weights: "
-                   "open_clip:ARCH[:WEIGHTS] (ARCH an open_clip model name or a .json model config) or hf:DIR (a "
+                   "open_clip:ARCH[@TAG][:WEIGHTS] (ARCH an open_clip model name, TAG its pretrained tag, or an "
+                   "open_clip_config.json) or hf:DIR (a "
                    "transformers CLIPModel / VisionTextDualEncoderModel directory)")
     labels = p.add_mutually_exclusive_group()
     labels.add_argument("--labels", default=None,

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import huggingface_hub.constants as hf_constants
 import open_clip
 import pytest
 import skimage.data as skdata
@@ -68,23 +69,37 @@ def write_clip_tokenizer(directory: Path) -> None:
 # -- material ---------------------------------------------------------------------------------------------------------
 
 
+TINY_VIT = {"embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+# not open_clip's defaults (OpenAI mean / std, bicubic): a test sees whether the recorded preprocessing is used
+HALF_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+                   "resize_mode": "shortest"}
+
+
+def write_open_clip_config(path: Path, model_cfg: dict, preprocess_cfg: dict | None = HALF_PREPROCESS) -> Path:
+    """An open_clip_config.json, as open_clip writes it next to released weights (a bare model config without
+    preprocess_cfg when ``preprocess_cfg`` is None)."""
+    data = model_cfg if preprocess_cfg is None else {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    path.write_text(json.dumps(data))
+    return path
+
+
 @pytest.fixture(scope="module")
 def oc(tmp_path_factory):
-    """A tiny open_clip ViT (config JSON registered with open_clip under its own name) and its weights file."""
-    root = tmp_path_factory.mktemp("open_clip")
-    cfg = {"embed_dim": 32,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    config = root / "florence_tiny_vit.json"
-    config.write_text(json.dumps(cfg))
-    open_clip.add_model_config(config)
+    """A tiny open_clip ViT: its model config registered with open_clip as "florence_tiny_vit", an
+    open_clip_config.json with a recorded preprocess_cfg and the weights file beside it (open_clip's local-dir:
+    layout, so open_clip itself can load the same directory)."""
+    root, registry = tmp_path_factory.mktemp("open_clip"), tmp_path_factory.mktemp("open_clip_registry")
+    open_clip.add_model_config(write_open_clip_config(registry / "florence_tiny_vit.json", TINY_VIT, None))
+    config = write_open_clip_config(root / "open_clip_config.json", TINY_VIT)
     torch.manual_seed(1)
     model = open_clip.create_model("florence_tiny_vit")
     with torch.no_grad():
         model.logit_scale.fill_(3.0)
-    torch.save(model.state_dict(), root / "weights.pt")
-    return {"root": root, "config": config, "weights": root / "weights.pt",
-            "spec": f"open_clip:{config}:{root / 'weights.pt'}"}
+    weights = root / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    return {"root": root, "config": config, "weights": weights, "spec": f"open_clip:{config}:{weights}"}
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +147,35 @@ def swin_oc(tmp_path_factory):
     cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": TINY_SWIN, "timm_model_pretrained": False,
                                            "timm_pool": "", "timm_proj": "linear", "image_size": 224},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    config = root / "florence_tiny_swin_clip.json"
-    config.write_text(json.dumps(cfg))
+    config = write_open_clip_config(root / "florence_tiny_swin_clip.json", cfg)
     torch.manual_seed(4)
-    model = foreign.build_open_clip(cfg)
+    model = foreign.build_open_clip(cfg, HALF_PREPROCESS)
     torch.save(model.state_dict(), root / "weights.pt")
     return {"config": config, "spec": f"open_clip:{config}:{root / 'weights.pt'}", "reference": model.eval()}
+
+
+IMAGENET_PREPROCESS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bicubic",
+                       "resize_mode": "shortest"}
+
+
+@pytest.fixture(scope="module")
+def oc_tags(oc, tmp_path_factory):
+    """open_clip pretrained tags for tiny built-in names, in open_clip's own table (its ``file`` key points
+    ``create_model(name, pretrained=tag)`` at a local file: nothing downloaded): "florence_tiny_vit" has tags that
+    preprocess differently (and one trained with QuickGELU), "florence_tiny_vit_same" two tags that agree,
+    "florence_tiny_vit_untagged" none."""
+    registry = tmp_path_factory.mktemp("open_clip_tags")
+    for name in ("florence_tiny_vit_same", "florence_tiny_vit_untagged"):
+        open_clip.add_model_config(write_open_clip_config(registry / f"{name}.json", TINY_VIT, None))
+    table = open_clip.pretrained._PRETRAINED
+    table["florence_tiny_vit"] = {"florence_half": {"file": str(oc["weights"]), **HALF_PREPROCESS},
+                                  "florence_imagenet": {"file": str(oc["weights"]), **IMAGENET_PREPROCESS},
+                                  "florence_quick": {"file": str(oc["weights"]), "quick_gelu": True}}
+    table["florence_tiny_vit_same"] = {"a": {"file": str(oc["weights"]), **HALF_PREPROCESS},
+                                       "b": {**HALF_PREPROCESS}}
+    yield table
+    for name in ("florence_tiny_vit", "florence_tiny_vit_same"):
+        table.pop(name)
 
 
 class _Photos(Dataset):
@@ -156,18 +194,20 @@ class _Photos(Dataset):
 
 
 def test_open_clip_zero_shot_scores_equal_open_clips_own_pipeline(oc):
-    """Ours: from_pretrained("open_clip:...") + our eval transform + florence's zero-shot evaluator. Reference:
-    open_clip's create_model(pretrained=file), its eval transform, tokenizer and build_zero_shot_classifier, on real
-    photos."""
+    """Ours: from_pretrained("open_clip:.../open_clip_config.json:WEIGHTS") + our eval transform + florence's
+    zero-shot evaluator. Reference: open_clip's own loader of the same directory (create_model_and_transforms
+    "local-dir:", which reads the file's preprocess_cfg), its eval transform, tokenizer and build_zero_shot_classifier,
+    on real photos."""
     model = from_pretrained(oc["spec"])
     classnames, templates = list(CAPTIONS.values()), zs.DEFAULT_TEMPLATES
     ours = zs.evaluate_zeroshot(model, _Photos(build_transform(model.preprocess, train=False)), classnames, templates,
                                 batch_size=8)
 
-    ref = open_clip.create_model("florence_tiny_vit", pretrained=str(oc["weights"])).eval()
-    transform = image_transform_v2(PreprocessCfg(**ref.visual.preprocess_cfg), is_train=False)
+    ref, _, transform = open_clip.create_model_and_transforms(f"local-dir:{oc['root']}")
+    ref.eval()
+    assert list(ref.visual.preprocess_cfg["mean"]) == [0.5] * 3  # the file's, not open_clip's default
     with torch.no_grad():
-        classifier = open_clip.build_zero_shot_classifier(ref, open_clip.get_tokenizer("florence_tiny_vit"),
+        classifier = open_clip.build_zero_shot_classifier(ref, open_clip.get_tokenizer(f"local-dir:{oc['root']}"),
                                                           classnames, templates, num_classes_per_batch=3)  # D, C
         images = torch.stack([transform(im) for im in _photos().values()])
         scores = ref.encode_image(images, normalize=True) @ classifier  # N, C
@@ -181,7 +221,7 @@ def test_open_clip_pooled_features_and_projection_give_its_embeddings(oc):
     """The views the linear probe and retrieval use: pooled features before the projection (= open_clip's tower with
     its projection removed) and a projection that maps them onto encode_image."""
     model = from_pretrained(oc["spec"])
-    ref = open_clip.create_model("florence_tiny_vit", pretrained=str(oc["weights"])).eval()
+    ref = open_clip.create_model(f"local-dir:{oc['root']}").eval()
     unprojected = copy.deepcopy(ref.visual)
     unprojected.proj = None
     images = torch.randn(3, 3, 32, 32)
@@ -190,6 +230,122 @@ def test_open_clip_pooled_features_and_projection_give_its_embeddings(oc):
         assert (pooled - unprojected(images)).abs().max() <= 1e-6
         projected = feats.project(model, pooled.numpy())
         assert np.abs(projected - ref.encode_image(images, normalize=True).numpy()).max() <= 1e-6
+
+
+def test_open_clip_tag_gives_open_clips_preprocessing_for_that_release(oc, oc_tags, tmp_path):
+    """open_clip:ARCH@TAG:WEIGHTS: the tag's preprocessing, as open_clip's own create_model_and_transforms(ARCH,
+    pretrained=TAG) gives it (the same weights file), on real photos; the spelling, its hash and a bundle keep it."""
+    spec = f"open_clip:florence_tiny_vit@florence_imagenet:{oc['weights']}"
+    model = from_pretrained(spec)
+    ref, _, transform = open_clip.create_model_and_transforms("florence_tiny_vit", pretrained="florence_imagenet")
+    assert list(ref.visual.preprocess_cfg["mean"]) == IMAGENET_PREPROCESS["mean"]
+    ours = build_transform(model.preprocess, train=False)
+    for name, image in _photos().items():
+        assert torch.equal(ours(image), transform(image)), name
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.eval().encode_image(images, normalize=True)).abs().max() <= 1e-6
+    assert model.source_spec == f"open_clip:florence_tiny_vit@florence_imagenet:{oc['weights'].absolute()}"
+    half = f"open_clip:florence_tiny_vit@florence_half:{oc['weights']}"
+    assert from_pretrained(half).preprocess["mean"] == HALF_PREPROCESS["mean"]
+    assert bundle_sha256(spec) != bundle_sha256(half)  # same weights, different preprocessing
+    again = from_pretrained(save_pretrained(model, tmp_path / "bundle"))
+    assert again.preprocess == model.preprocess
+
+
+def test_open_clip_preprocessing_is_recorded_or_refused(oc, oc_tags, tmp_path):
+    """A bare built-in name takes the preprocessing all of its tags agree on; otherwise, and for a config file that
+    records none, a one-line error: florence never falls back on open_clip's defaults."""
+    assert from_pretrained("open_clip:florence_tiny_vit_same").preprocess["mean"] == HALF_PREPROCESS["mean"]
+    cases = {"open_clip:florence_tiny_vit": "preprocess differently (florence_half, florence_imagenet, florence_quick"
+                                            "); spell open_clip:florence_tiny_vit@TAG",
+             "open_clip:florence_tiny_vit@nope": "'nope' is not an open_clip pretrained tag of florence_tiny_vit",
+             "open_clip:florence_tiny_vit@florence_quick": "quick_gelu=True",
+             "open_clip:florence_tiny_vit_untagged": "no pretrained tags",
+             f"open_clip:{oc['config']}@florence_half": "a .json config records its own preprocess_cfg"}
+    bare = write_open_clip_config(tmp_path / "bare.json", TINY_VIT, None)
+    cases[f"open_clip:{bare}"] = f"{bare}: no preprocess_cfg mean/std"
+    no_std = write_open_clip_config(tmp_path / "no_std.json", TINY_VIT, {"mean": [0.5, 0.5, 0.5]})
+    cases[f"open_clip:{no_std}"] = f"{no_std}: no preprocess_cfg std;"
+    for spec, message in cases.items():
+        with pytest.raises(foreign.ForeignModelError) as info:
+            from_pretrained(spec)
+        assert message in str(info.value) and "\n" not in str(info.value), (spec, str(info.value))
+
+
+def test_open_clip_attention_mask_covers_the_text_through_end_of_text(oc):
+    """CLIP BPE pads with id 0, which is also a token ("!" inside "!??"): the mask must not drop it."""
+    model = from_pretrained(oc["spec"])
+    texts = ["really!?? a cat", "a dog"]
+    tokens = model.tokenize(texts)
+    lengths = [len(SimpleTokenizer().encode(t)) + 2 for t in texts]  # start- and end-of-text
+    assert 0 in tokens["input_ids"][0, : lengths[0]].tolist()  # the text holds id 0
+    for mask, n in zip(tokens["attention_mask"], lengths):
+        assert mask.tolist() == [1] * n + [0] * (model.context_length - n)
+
+
+def test_tokenizers_and_text_towers_are_read_offline_only(oc, monkeypatch, tmp_path):
+    """An hf_tokenizer_name / hf_model_name in an open_clip config is looked up with local_files_only in Hub
+    offline mode (never downloaded), even when the process is online; the error is one line naming it."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # as in a process started online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def lookup(name, *args, **kwargs):
+        seen.append((str(name), hf_constants.is_offline_mode(), kwargs.get("local_files_only")))
+        raise OSError("not in the local cache\nsecond line of the library's message")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lookup)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lookup)
+    tok = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "hf_tokenizer_name": "no-such-org/no-such-tokenizer"}}
+    with pytest.raises(foreign.ForeignModelError, match="no-such-tokenizer.*not in the local cache\\)$"):
+        from_pretrained(f"open_clip:{write_open_clip_config(tmp_path / 'tok.json', tok)}")
+    assert seen[-1] == ("no-such-org/no-such-tokenizer", True, True)
+    tower = {**TINY_VIT, "text_cfg": {"hf_model_name": "no-such-org/no-such-text-model", "context_length": 8}}
+    with pytest.raises(foreign.ForeignModelError, match="offline \\(not in the local cache\\)$"):
+        from_pretrained(f"open_clip:{write_open_clip_config(tmp_path / 'tower.json', tower)}")
+    assert seen[-1][:2] == ("no-such-org/no-such-text-model", True)
+    assert hf_constants.HF_HUB_OFFLINE is False  # restored after the lookup
+
+
+def test_florence_eval_reports_a_library_error_in_one_line(oc, shapes, tmp_path, capsys):
+    """transformers' own message for a tokenizer not in the cache spans lines; florence eval prints one."""
+    tok = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "hf_tokenizer_name": "no-such-org/no-such-tokenizer"}}
+    config = write_open_clip_config(tmp_path / "tok.json", tok)
+    assert eval_cli.main(["zeroshot", "--model", f"open_clip:{config}", "--dataset", "imagefolder", "--data-root",
+                          str(shapes), "--output", str(tmp_path / "out"), "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-tokenizer" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_hf_tokenizer_without_a_pad_token_is_refused_at_load(hf_clip, tmp_path):
+    broken = tmp_path / "hf"
+    shutil.copytree(hf_clip, broken)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(broken))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(str(broken))
+    assert transformers.AutoTokenizer.from_pretrained(str(broken)).pad_token_id is None
+    with pytest.raises(foreign.ForeignModelError, match=f"^{broken}: its tokenizer has no pad token"):
+        from_pretrained(f"hf:{broken}")
+
+
+def test_hf_preprocessing_without_crop_size_takes_the_named_classs_default(tmp_path):
+    """CLIPImageProcessor with size {"shortest_edge": 256} and no crop_size crops transformers' default 224 x 224:
+    equal to transformers' PIL processor reading the same file (a photo whose crop offsets round alike)."""
+    transformers.CLIPImageProcessor(size={"shortest_edge": 256}).save_pretrained(str(tmp_path))
+    path = tmp_path / "preprocessor_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("crop_size")
+    path.write_text(json.dumps(cfg))
+    preprocess = foreign.hf_preprocess(path)
+    assert preprocess["input_size"] == [3, 224, 224] and preprocess["crop_pct"] == 224 / 256
+    image = _photos()["chelsea"]  # 451 x 300 -> 384 x 256: even margins
+    theirs = CLIPImageProcessorPil.from_pretrained(str(tmp_path))(images=image, return_tensors="pt")["pixel_values"]
+    mine = build_transform(preprocess, train=False)(image)
+    assert (mine - torch.as_tensor(np.asarray(theirs[0]))).abs().max() <= 1e-6
+    path.write_text(json.dumps({k: v for k, v in cfg.items() if k != "image_processor_type"}))
+    with pytest.raises(foreign.ForeignModelError, match="preprocessor_config.json: no image_processor_type"):
+        foreign.hf_preprocess(path)
 
 
 @pytest.mark.parametrize("kind", ["clip", "vtde"])
@@ -311,6 +467,13 @@ def test_florence_convert_writes_a_bundle_equal_to_the_source(kind, oc, hf_clip,
         assert torch.equal(bundle.encode_image(images), source.encode_image(images))
         assert torch.equal(bundle.encode_text(**tokens), source.encode_text(**tokens))
     assert bundle.preprocess == source.preprocess  # recorded by the source, not given
+
+
+def test_florence_convert_refuses_an_open_clip_model_without_weights(oc, tmp_path, capsys):
+    assert convert_main(["--from", "open_clip", str(oc["config"]), str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would be random" in err and not (tmp_path / "bundle").exists()
+    assert convert_main(["--from", "open_clip", str(oc["config"]), str(tmp_path / "bundle"), "--no-strict"]) == 0
 
 
 def test_source_hash_follows_content_not_paths(oc, hf_clip, tmp_path):
@@ -444,13 +607,12 @@ def test_bad_spellings_and_files_are_one_line_errors(oc, hf_clip, tmp_path):
     torch.save({"visual.proj": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(WeightsError, match="other.pt: not an open_clip checkpoint"):
         from_pretrained(f"open_clip:{oc['config']}:{tmp_path / 'other.pt'}")
-    hf_text = json.loads(oc["config"].read_text())
-    hf_text["text_cfg"] = {"hf_model_name": "no-such-org/no-such-text-model", "hf_tokenizer_name": "x",
-                           "context_length": 8}
-    (tmp_path / "hf_text.json").write_text(json.dumps(hf_text))
+    hf_text = {**TINY_VIT, "text_cfg": {"hf_model_name": "no-such-org/no-such-text-model", "hf_tokenizer_name": "x",
+                                        "context_length": 8}}
+    write_open_clip_config(tmp_path / "hf_text.json", hf_text)
     with pytest.raises(foreign.ForeignModelError, match="cannot build its towers offline"):
         from_pretrained(f"open_clip:{tmp_path / 'hf_text.json'}")
-    (tmp_path / "bad.json").write_text(json.dumps({"embed_dim": 8}))
+    write_open_clip_config(tmp_path / "bad.json", {"embed_dim": 8})
     with pytest.raises(foreign.ForeignModelError, match="lacks"):
         from_pretrained(f"open_clip:{tmp_path / 'bad.json'}")
     broken = tmp_path / "hf"
@@ -462,7 +624,7 @@ def test_bad_spellings_and_files_are_one_line_errors(oc, hf_clip, tmp_path):
         from_pretrained(f"hf:{tmp_path}")
     with pytest.raises(BundleError, match="nor a model source.*open_clip:ARCH"):
         from_pretrained("nosuchscheme:whatever")
-    assert open_clip.get_model_config("ViT-B-32") == foreign._parse_open_clip("ViT-B-32")[2]  # built-in names resolve
+    assert open_clip.get_model_config("ViT-B-32") == foreign._parse_open_clip("ViT-B-32").model_config  # built-ins
 
 
 def test_require_dual_encoder_checks_the_interface_not_a_projection():
