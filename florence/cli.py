@@ -23,7 +23,10 @@
     florence serve --db ... --collection ... [--port 8000]   a local search web page
     florence convert --from FORMAT SRC OUT         a bundle from timm / microsoft / unicl / open_clip / hf / mmdet /
                                                    dynamichead / mmaction2 weights (florence.benchmarks.convert_cli)
-    florence export --model DIR --part P --format torch-export|onnx OUT   export a tower or adapter model
+    florence export --model DIR --part image|text|classifier|detector|vqa|video --format torch-export|onnx OUT
+                    [--dynamic-size] [--image-size H W] [--opset N] [--no-optimize] [--no-check]
+                                                   a tower or adapter model as a torch.export program or ONNX graph
+                                                   with a JSON sidecar (florence.benchmarks.export_cli)
     florence models [PATTERN]                      list model names
 """
 from __future__ import annotations
