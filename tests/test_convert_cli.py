@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models._hub import save_for_hf
 
+from florence.adapters.video_classifier import build_video_classifier
 from florence.benchmarks.convert_cli import main
 from florence.bundle import from_pretrained
 
@@ -116,3 +117,24 @@ def test_user_mistakes_are_one_line_errors(timm_swin, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (argv, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_mmaction2_recognizer_becomes_a_video_swin_bundle(tmp_path, capsys):
+    torch.manual_seed(0)
+    shape = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=(2, 3, 3))
+    source = build_video_classifier("video_swin_tiny", 6, tower_overrides=shape).eval()
+    mm = {}  # our keys -> mmaction2's Recognizer3D: downsampling at the end of the previous stage, cls_head.fc_cls
+    for key, value in source.state_dict().items():
+        key = key.replace("fc.", "cls_head.fc_cls.") if key.startswith("fc.") else key
+        mm[key.replace("layers.1.downsample.", "layers.0.downsample.")] = value
+    save_file(mm, str(tmp_path / "recognizer.safetensors"))
+    preprocess = {**PREPROCESS, "input_size": [3, 4, 24, 24], "clip_len": 4, "frame_interval": 2}
+    assert main(["--from", "mmaction2", str(tmp_path / "recognizer.safetensors"), str(tmp_path / "bundle"),
+                 "--model", "video_swin_tiny", "--preprocess", json.dumps(preprocess), "--set", "num_classes=6",
+                 *(f"{k}={json.dumps(list(v))}" if isinstance(v, tuple) else f"{k}={v}" for k, v in shape.items())]) == 0
+    assert "missing 0, unexpected 0" in capsys.readouterr().out
+    converted = from_pretrained(tmp_path / "bundle")
+    clip = torch.randn(2, 3, 4, 24, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(clip), source(clip), atol=1e-5, rtol=0)
+    assert converted.preprocess == preprocess

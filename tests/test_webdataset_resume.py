@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import florence
 from florence.data import DataConfigError, build_train_loader
 from florence.engine.config import config_from_dict
 from florence.engine.metrics import read_metrics
@@ -171,8 +172,6 @@ def test_shard_training_resumes_after_kill_with_identical_losses(shapes, tmp_pat
     boundary inside the run, SIGKILLed after step 4 (checkpoint at 3: worker 1 serves the next batch), resumes in a
     fresh process with the per-step losses and final weights of the uninterrupted run; the same for a caption
     source mixed with a class source."""
-    import florence
-
     sources = [{"type": "webdataset", "path": _shape_shards(shapes, tmp_path, "cap", 8, cls=False),
                 "shuffle_buffer": 6}]
     if mixture:
