@@ -259,11 +259,11 @@ def build_unicl(config: dict[str, Any], tokenizer=None) -> UniCLModel:
     image_encoder = create_model(image_cfg["model"], **overrides)
 
     text_cfg = {k: v for k, v in config["text"].items() if not k.startswith("_")}
-    pooling = text_cfg.pop("pooling", None)
     if "pretrained" in text_cfg:
-        text_encoder = TextTower.from_pretrained(text_cfg["pretrained"], embed_dim=embed_dim, pooling=pooling)
+        text_encoder = TextTower.from_pretrained(text_cfg["pretrained"], embed_dim=embed_dim,
+                                                 pooling=text_cfg.get("pooling"))
     else:
-        text_encoder = TextTower.from_config(text_cfg, embed_dim=embed_dim, pooling=pooling)
+        text_encoder = TextTower.from_config(text_cfg, embed_dim=embed_dim)  # reads its "pooling" entry
     if context_length > text_encoder.max_length:
         raise ValueError(f"context_length {context_length} exceeds the text tower's {text_encoder.max_length} "
                          "positions")

