@@ -29,6 +29,9 @@ every ``impl``. :func:`set_deform_impl` sets it on every layer of a model.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import math
 
 import torch
@@ -169,3 +172,17 @@ def set_deform_impl(model: nn.Module, impl: str) -> int:
     for layer in layers:
         layer.impl = impl
     return len(layers)
+
+
+@contextlib.contextmanager
+def deform_impl(model: nn.Module, impl: str) -> Iterator[None]:
+    """``set_deform_impl(model, impl)`` for the block; every layer gets its own previous ``impl`` back afterwards
+    (export traces the pure-torch kernel whatever the model uses)."""
+    layers = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    before = [m.impl for m in layers]
+    set_deform_impl(model, impl)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, before):
+            layer.impl = previous

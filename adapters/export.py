@@ -37,10 +37,6 @@ on the window order's modulo by a symbolic size, ``aten.remainder.Scalar``). Not
 other size; export it at the size you pad batches to (``image_size``). Not for ``vqa``, ``video``, ``text`` or
 foreign (open_clip / HF) towers either.
 
-At a fixed size the Swin stages' window geometry (token orders, bias index, shift masks) is computed once by an eager
-forward and enters the program as constants (``_fixed_geometry``), instead of its construction being traced (which the
-video tower's geometry, with a data-dependent identity test, does not allow).
-
 Detector. Box decoding (anchors, deltas, clipping to the input) is inside the program; the score threshold, the top
 ``nms_pre`` per level, the centerness factor and NMS stay outside (the sidecar's ``postprocess`` gives ``test``
 settings, strides and the level sizes), because their output sizes depend on the data. The DyHead's deformable
@@ -61,7 +57,6 @@ once then ``export_traced`` per format writes both formats from one trace.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -77,7 +72,7 @@ from torch import nn
 from torch.export import Dim
 
 from florence import __version__
-from florence.adapters.deform_conv import ModulatedDeformConv2d
+from florence.adapters.deform_conv import deform_impl
 from florence.adapters.detector import Detector
 from florence.adapters.meter import MeterModel
 from florence.adapters.video_classifier import VideoClassifier
@@ -450,40 +445,6 @@ def _run_onnx(path: Path, spec: PartSpec, inputs: Sequence[torch.Tensor]) -> lis
     return session.run(spec.output_names, feed)
 
 
-@contextlib.contextmanager
-def _fixed_geometry(module: nn.Module):
-    """Within the block, every Swin stage (a module with ``geometry`` and ``_geometry_cache``: 2D and video) records
-    the window geometry its eager forwards compute and hands the recorded one to a trace of the same size, so a
-    fixed-size program holds it as constants instead of tracing its construction (argsort, masks)."""
-    stages = [m for m in module.modules() if hasattr(m, "_geometry_cache") and callable(getattr(m, "geometry", None))]
-    for stage in stages:
-        original, recorded = stage.geometry, {}
-
-        def geometry(*args, _original=original, _recorded=recorded):
-            key = tuple(a if isinstance(a, (int, torch.device)) else tuple(a) for a in args)
-            if key not in _recorded:
-                if torch.compiler.is_compiling():  # a size no eager forward saw: trace it
-                    return _original(*args)
-                _recorded[key] = _original(*args)
-            return _recorded[key]
-
-        stage.geometry = geometry  # an instance attribute: shadows the method
-    try:
-        yield
-    finally:
-        for stage in stages:
-            del stage.geometry
-
-
-def _set_deform_impl(model: nn.Module, impl: str | list[str]) -> list[str]:
-    """Set the deformable convolutions' ``impl`` (one for all, or one per layer); returns the previous ones."""
-    layers = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
-    before = [m.impl for m in layers]
-    for i, layer in enumerate(layers):
-        layer.impl = impl if isinstance(impl, str) else impl[i]
-    return before
-
-
 @dataclass
 class TracedPart:
     """A part traced once by ``trace_part``; ``export_traced`` writes it in any format (trace once, write both).
@@ -507,15 +468,11 @@ def trace_part(model: nn.Module, part: str, *, dynamic_size: bool = False,
     Swin stage with ``dynamic_size``). Arguments as ``export_part``."""
     model = model.to("cpu", torch.float32).eval()
     spec = part_spec(model, part, dynamic_size=dynamic_size, image_size=image_size)
-    impls = _set_deform_impl(model, "torch")
-    try:
-        dynamic = tuple(spec.dynamic.get(name, {}) for name in spec.input_names)  # positional: names may differ
-        with contextlib.nullcontext() if dynamic_size else _fixed_geometry(spec.module):
-            with torch.no_grad():
-                reference = _outputs(spec.module(*spec.example))
-            program = torch.export.export(spec.module, spec.example, dynamic_shapes=dynamic)
-    finally:
-        _set_deform_impl(model, impls)
+    dynamic = tuple(spec.dynamic.get(name, {}) for name in spec.input_names)  # positional: names may differ
+    with deform_impl(model, "torch"):
+        with torch.no_grad():
+            reference = _outputs(spec.module(*spec.example))
+        program = torch.export.export(spec.module, spec.example, dynamic_shapes=dynamic)
     return TracedPart(model, spec, program, reference)
 
 
@@ -576,11 +533,8 @@ def export_traced(traced: TracedPart, format: str, out: str | Path, *, opset: in
                      opset)
     check_record = None
     if check:
-        impls = _set_deform_impl(model, "torch")
-        try:
+        with deform_impl(model, "torch"):
             check_record = _check(out, format, spec)
-        finally:
-            _set_deform_impl(model, impls)
 
     inputs = [TensorInfo(n, _shape_names(spec, x.shape, spec.dynamic.get(n, {})), _dtype(x))
               for n, x in zip(spec.input_names, spec.example)]

@@ -82,6 +82,7 @@ WINDOW_PADS = ("before_shift", "after_shift")
 __all__ = [
     "CoSwin", "SwinBlock", "SwinTowerMixin", "WindowAttention", "PatchMerging", "TokenOrder", "permute_tokens",
     "window_partition", "window_reverse", "window_order", "relative_position_index", "shift_attention_mask", "swin_name",
+    "partition_keeps_order",
 ]
 
 
@@ -198,12 +199,20 @@ class WindowGeometry:
     shifted: TokenOrder | None  # roll + partition for the shifted blocks, None when shift == (0, 0)
 
 
+def partition_keeps_order(padded: tuple[int, ...], window: tuple[int, ...]) -> bool:
+    """Whether partitioning a ``padded`` map (any number of axes) into ``window`` blocks keeps row-major token order:
+    each block is contiguous, i.e. for some axis j the window is 1 on every axis before j and spans the map on every
+    axis after it (2D: windows one row high, or spanning whole rows). Decided from the sizes, so it traces."""
+    return any(all(w == 1 for w in window[:j]) and all(w == p for w, p in zip(window[j + 1:], padded[j + 1:]))
+               for j in range(len(window)))
+
+
 def _token_order(
     padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device, roll_size=None
 ) -> TokenOrder:
     """The gather for one partition; the identity (nothing to move) is told from the sizes, not the data."""
-    if shift == (0, 0) and (window[1] == padded[1] or window[0] == 1):
-        return TokenOrder(None, None)  # windows span whole rows (or are one row high): row-major order is kept
+    if not any(shift) and partition_keeps_order(padded, window):
+        return TokenOrder(None, None)
     order = window_order(padded, window, shift, device, roll_size)
     return TokenOrder(order, torch.argsort(order))
 

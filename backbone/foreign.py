@@ -491,7 +491,8 @@ class OpenCLIPDualEncoder(ForeignDualEncoder):
         if not isinstance(visual, TimmModel) or type(trunk) is not SwinTransformer:
             return super().image_tower()
         overrides = swin_overrides(trunk)
-        tower = create_model(_swin_name(overrides), **overrides)
+        name = swin_name(overrides["embed_dim"], overrides["depths"], overrides["num_heads"])  # a label: every shape
+        tower = create_model(name or "swin_tiny", **overrides)                              # is an override
         report = tower.load_foreign_weights(trunk.state_dict(), format="timm", strict=True)
         tower.load_report = report
         tower.preprocess = dict(self.preprocess)
@@ -508,11 +509,6 @@ def swin_overrides(trunk: SwinTransformer) -> dict[str, Any]:
             "num_heads": [layer.blocks[0].attn.num_heads for layer in trunk.layers],
             "window_size": list(block.window_size), "mlp_ratio": block.mlp.fc1.out_features / block.mlp.fc1.in_features,
             "qkv_bias": block.attn.qkv.bias is not None, "window_pad": "after_shift"}
-
-
-def _swin_name(overrides: dict[str, Any]) -> str:
-    """The registered Swin name of the trunk's shape (a label only: every shape is passed as an override)."""
-    return swin_name(overrides["embed_dim"], overrides["depths"], overrides["num_heads"]) or "swin_tiny"
 
 
 def load_open_clip(spec: str) -> OpenCLIPDualEncoder:

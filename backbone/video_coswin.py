@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from florence.backbone.coswin import (
     IMAGENET_MEAN, IMAGENET_STD, SHIFT_MASK_VALUE, CoSwin, PatchMerging, SwinBlock, SwinTowerMixin, TokenOrder,
+    partition_keeps_order,
 )
 from florence.backbone.video_inflate import load_video_tower_weights
 from florence.bundle import BundleMixin
@@ -126,13 +127,14 @@ def shift_attention_mask_3d(padded: Triple, window: Triple, shift: Triple,
 
 
 def _token_order_3d(padded: Triple, window: Triple, shift: Triple, device) -> TokenOrder:
-    """Roll by ``-shift`` on the padded map + :func:`window_partition_3d` as one gather (None when the identity)."""
+    """Roll by ``-shift`` on the padded map + :func:`window_partition_3d` as one gather (None when the identity,
+    told from the sizes: ``partition_keeps_order``)."""
+    if not any(shift) and partition_keeps_order(padded, window):
+        return TokenOrder(None, None)
     Dp, Hp, Wp = padded
     d, h, w = ((torch.arange(n, device=device) + s) % n for n, s in zip(padded, shift))  # source index per axis
     source = (d[:, None, None] * Hp + h[None, :, None]) * Wp + w[None, None, :]  # Dp, Hp, Wp
     order = window_partition_3d(source[None, ..., None], window).flatten()  # nW*N
-    if torch.equal(order, torch.arange(order.numel(), device=device)):
-        return TokenOrder(None, None)
     return TokenOrder(order, torch.argsort(order))
 
 
