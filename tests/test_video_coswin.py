@@ -9,11 +9,13 @@ the 2D tower run frame by frame.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from florence.backbone.convert import resize_relative_position_table
+from florence.backbone.coswin import partition_keeps_order
 from florence.backbone.video_coswin import (
     get_window_size, relative_position_index_3d, shift_attention_mask_3d, window_geometry_3d, window_partition_3d,
     window_reverse_3d,
@@ -359,3 +361,18 @@ def test_strict_inflation_names_the_wrong_shape_and_head_rules():
     report = load_video_tower_weights(other, bad, format="inflate", strict=False)
     assert report.unexpected == ["layers.0.blocks.0.mlp.fc1.weight"]
     assert report.missing == ["layers.0.blocks.0.mlp.fc1.weight"]
+
+
+def test_identity_token_order_is_told_from_the_sizes():
+    """``partition_keeps_order`` (a size rule, so the geometry traces) agrees with partitioning the row-major indices
+    on every 1-3 axis map of sides 1, 2, 4, 6 and every window dividing them."""
+    for axes in (1, 2, 3):
+        for padded in itertools.product([1, 2, 4, 6], repeat=axes):
+            for window in itertools.product(*[[d for d in range(1, p + 1) if p % d == 0] for p in padded]):
+                index = torch.arange(math.prod(padded)).reshape(padded)
+                blocks = index.unfold(0, window[0], window[0])  # windows along axis 0, then the next axes
+                for axis in range(1, axes):
+                    blocks = blocks.unfold(axis, window[axis], window[axis])
+                order = blocks.reshape(-1)  # window grid row-major, then tokens within a window row-major
+                assert torch.equal(order, torch.arange(order.numel())) == partition_keeps_order(padded, window), \
+                    (padded, window)
