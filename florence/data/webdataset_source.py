@@ -53,6 +53,7 @@ samples an uninterrupted run would have seen; ``num_workers`` may change.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import logging
 import random
@@ -144,6 +145,15 @@ class _ShardHandler:
         self.bad.handle(BadSample(where, f"unreadable shard data ({type(exn).__name__}: {detail})"), source=self.source)
         return True
 
+    @contextlib.contextmanager
+    def quietly(self) -> Iterator[None]:
+        """``quiet`` for the block, then as before."""
+        quiet, self.quiet = self.quiet, True
+        try:
+            yield
+        finally:
+            self.quiet = quiet
+
 
 _SUBSTREAM_TAG = 0x9E3779B97F4A7C15  # sub-stream seeds start from seed ^ tag: not any sample's sample_seed(seed, t)
 
@@ -199,14 +209,11 @@ class _SourceReader:
         """The samples of one shard from sample ``skip`` on (the skipped ones read, not decoded, not logged)."""
         samples = iter(wds.tariterators.tarfile_samples(iter([{"url": self.source.urls[url_index]}]),
                                                         handler=self.handler))
-        quiet, self.handler.quiet = self.handler.quiet, True
-        try:
+        with self.handler.quietly():
             for _ in range(skip):
                 if next(samples, None) is None:
                     raise DataFileError(f"{self.source.urls[url_index]}: fewer than {skip} samples, but the "
                                         "checkpoint had read that many (did the shard change since?)")
-        finally:
-            self.handler.quiet = quiet
         return samples
 
     def _read(self) -> tuple[tuple[int, int], dict]:
@@ -259,15 +266,12 @@ class _SourceReader:
         found: dict[tuple[int, int], dict] = {}
         for u, members in sorted(wanted.items()):
             last = max(members)
-            self.handler.quiet = True
-            try:
+            with self.handler.quietly():
                 for m, raw in enumerate(self._open(u)):
                     if m in members:
                         found[(u, m)] = raw
                     if m >= last:
                         break
-            finally:
-                self.handler.quiet = False
             missing = sorted(members - {m for uu, m in found if uu == u})
             if missing:
                 raise DataFileError(f"{self.source.urls[u]}: no sample #{missing[0]}, but the checkpoint's shuffle "
